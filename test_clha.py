@@ -1,0 +1,211 @@
+"""Tests for the CLHA reference implementation. CPU only; no downloads.
+
+    python -m pytest test_clha.py          # the whole suite, a few minutes on 2 cores
+
+Every expected value is computed another way than the code under test: loops written straight from the
+paper's equations, hand calculations, or an independent implementation (e.g. a per-token log_softmax).
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import clha_loss
+
+
+# ---------------------------------------------------------------------------------------------------------
+# clha_loss.py: Eqs. 2-7 against loops written from the equations
+# ---------------------------------------------------------------------------------------------------------
+
+def loop_clha(logps, rewards, margin, reward_gap, reduction):
+    """Eqs. 4-6 one pair at a time, in Python floats."""
+    B, K = len(logps), len(logps[0])
+    def term(b, i, j):
+        k = 0 if reward_gap is None else int(abs(rewards[b][i] - rewards[b][j]) <= reward_gap)   # Eq. 5's k
+        f = logps[b][j] - logps[b][i] + margin * (j - i)                    # Eq. 4 (sign corrected) with Eq. 6
+        return max(0.0, (1 - k) * f), k == 0
+    if reduction == "paper":
+        return sum(term(b, i, j)[0] for b in range(B) for i in range(K) for j in range(i + 1, K)) / B
+    total = 0.0
+    for d in range(1, K):                                                   # the authors' per-distance mean
+        kept = [term(b, i, i + d)[0] for b in range(B) for i in range(K - d) if term(b, i, i + d)[1]]
+        total += sum(kept) / len(kept) if kept else 0.0
+    return total
+
+
+def loop_pro(logps):
+    """Eq. 2 one prompt at a time."""
+    total = 0.0
+    for p in logps:
+        for k in range(len(p) - 1):
+            total -= p[k] - math.log(sum(math.exp(p[i]) for i in range(k, len(p))))
+    return total / len(logps)
+
+
+def loop_sft(sum_logps, rewards, gate):
+    return -sum(s * ((r > 0) if gate else 1) for s, r in zip(sum_logps, rewards)) / len(sum_logps)
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("reduction", ["paper", "official"])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("reward_gap", [3.0, 0.5, None])
+def test_clha_loss_matches_loop(K, reduction, ties, reward_gap):
+    g = torch.Generator().manual_seed(K * 7 + ties)
+    B = 5
+    logps = -torch.rand(B, K, generator=g, dtype=torch.float64) * 4
+    if ties:   # integer rewards: equal rewards, and gaps exactly at the threshold (|r_i - r_j| = 3 counts as too close)
+        rewards = torch.randint(-3, 4, (B, K), generator=g).double()
+    else:
+        rewards = torch.randn(B, K, generator=g, dtype=torch.float64) * 4
+    for margin in (3.0, 0.0, 0.7):
+        got = clha_loss.clha_loss(logps, rewards, margin, reward_gap, reduction).item()
+        want = loop_clha(logps.tolist(), rewards.tolist(), margin, reward_gap, reduction)
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_clha_loss_hand_computed():
+    # K = 3, margin 1, gap 3. Pairs: (0,1) |5-1| = 4 > 3 kept, f = -2 - (-1) + 1 = 0 -> 0;
+    # (0,2) |5-0| = 5 kept, f = -0.5 + 1 + 2 = 2.5; (1,2) |1-0| = 1 <= 3 dropped. Paper: 2.5.
+    # Official: distance 1 has one kept pair with term 0 -> 0; distance 2: 2.5 / 1 -> total 2.5 as well.
+    logps = torch.tensor([[-1.0, -2.0, -0.5]])
+    rewards = torch.tensor([[5.0, 1.0, 0.0]])
+    assert clha_loss.clha_loss(logps, rewards, 1.0, 3.0, "paper").item() == pytest.approx(2.5)
+    # two prompts, official: distance 1 kept terms {0 (prompt 0), 1.5 (prompt 1)} -> 0.75; distance 2: {2.5, 0 dropped}
+    logps2 = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.5, -3.0]])
+    rewards2 = torch.tensor([[5.0, 1.0, 0.0], [9.0, 0.0, 8.0]])
+    # prompt 1: (0,1) |9-0| kept, f = -1.5 + 1 + 1 = 0.5 ; (1,2) |0-8| kept, f = -3 + 1.5 + 1 = -0.5 -> 0 ; (0,2) |1| dropped
+    assert clha_loss.clha_loss(logps2, rewards2, 1.0, 3.0, "official").item() == pytest.approx((0 + 0.5 + 0) / 3 + 2.5)
+    assert clha_loss.clha_loss(logps2, rewards2, 1.0, 3.0, "paper").item() == pytest.approx((2.5 + 0.5) / 2)
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_clha_known_values(K):
+    B = 3
+    logps = torch.full((B, K), -1.3)
+    # equal log-probs, every pair kept: each pair contributes margin * (j - i)
+    want = 3.0 * sum(j - i for i, j in itertools.combinations(range(K), 2))
+    assert clha_loss.clha_loss(logps, None, 3.0, None, "paper").item() == pytest.approx(want)
+    # PRO at equal log-probs is log K! (a uniform softmax over K, K-1, ..., 2 candidates)
+    assert clha_loss.pro_loss(logps).item() == pytest.approx(math.log(math.factorial(K)))
+    # every pair inside the reward gap: nothing to learn
+    assert clha_loss.clha_loss(logps, torch.zeros(B, K), 3.0, 3.0).item() == 0.0
+
+
+def test_reductions_agree_for_two_candidates():
+    logps = -torch.rand(6, 2) * 5
+    rewards = torch.tensor([[10.0, -10.0]]).expand(6, 2)   # every pair kept
+    paper = clha_loss.clha_loss(logps, rewards, 3.0, 3.0, "paper")
+    official = clha_loss.clha_loss(logps, rewards, 3.0, 3.0, "official")
+    assert paper.item() == pytest.approx(official.item())
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_pro_and_sft_match_loops(K):
+    g = torch.Generator().manual_seed(K)
+    logps = -torch.rand(4, K, generator=g, dtype=torch.float64) * 6
+    assert clha_loss.pro_loss(logps).item() == pytest.approx(loop_pro(logps.tolist()), rel=1e-12)
+    sums = -torch.rand(4, generator=g, dtype=torch.float64) * 50
+    rewards = torch.tensor([1.5, -0.2, 0.0, 3.0], dtype=torch.float64)   # reward 0 is not > 0: gated out
+    for gate in (True, False):
+        got = clha_loss.sft_loss(sums, rewards, gate).item()
+        assert got == pytest.approx(loop_sft(sums.tolist(), rewards.tolist(), gate), rel=1e-12)
+
+
+@pytest.mark.parametrize("K", [2, 3])
+def test_objective_combines_eq7(K):
+    g = torch.Generator().manual_seed(11)
+    B = 4
+    logps = -torch.rand(B, K, generator=g, dtype=torch.float64) * 3
+    sums = logps * 20
+    rewards = torch.tensor([[4.0, -1.0, 2.0], [-2.0, 3.0, 0.5], [0.1, 0.0, 9.0], [7.0, 7.5, -7.0]],
+                           dtype=torch.float64)[:, :K]
+    sft_index = torch.tensor([0, 0, 1, 0])
+    alpha = 0.05 * (K - 1) ** 2
+    total, m = clha_loss.clha_objective(logps, sums, rewards, sft_index)
+    targets = [sft_index[b].item() for b in range(B)]
+    want_sft = loop_sft([sums[b, t].item() for b, t in enumerate(targets)],
+                        [rewards[b, t].item() for b, t in enumerate(targets)], gate=True)
+    want = loop_clha(logps.tolist(), rewards.tolist(), 3.0, 3.0, "paper") + alpha * want_sft
+    assert total.item() == pytest.approx(want, rel=1e-12)
+    assert m["loss_sft"].item() == pytest.approx(want_sft, rel=1e-12)
+    # metrics by hand: the SFT targets' rewards are 4, -2, 0.0, 7 -> on for 2 of 4 prompts
+    assert m["sft_on"].item() == pytest.approx(0.5)
+    pairs = [(b, i, j) for b in range(B) for i, j in itertools.combinations(range(K), 2)]
+    kept = [(b, i, j) for b, i, j in pairs if abs(rewards[b, i] - rewards[b, j]) > 3.0]
+    assert m["pairs_kept"].item() == pytest.approx(len(kept) / len(pairs))
+    assert m["acc"].item() == pytest.approx(sum(logps[b, i] > logps[b, j] for b, i, j in pairs).item() / len(pairs))
+    assert m["acc_kept"].item() == pytest.approx(sum(logps[b, i] > logps[b, j] for b, i, j in kept).item() / len(kept))
+    assert torch.allclose(m["logp_rank"], logps.mean(0))
+    # PRO: Eq. 2 plus the ungated SFT term; "w/o L_clha": the gated SFT term alone
+    total, _ = clha_loss.clha_objective(logps, sums, None, sft_index, loss="pro")
+    ungated = loop_sft([sums[b, t].item() for b, t in enumerate(targets)], [0] * B, gate=False)
+    assert total.item() == pytest.approx(loop_pro(logps.tolist()) + alpha * ungated, rel=1e-12)
+    total, _ = clha_loss.clha_objective(logps, sums, rewards, sft_index, loss="sft")
+    assert total.item() == pytest.approx(alpha * want_sft, rel=1e-12)
+
+
+def test_gradient_directions():
+    K = 4
+    logps = torch.tensor([[-2.0, -1.9, -1.8, -1.7]], requires_grad=True)
+    rewards = torch.tensor([[9.0, 5.0, 1.0, -3.0]])          # neighbours 4 apart: every pair kept at gap 3
+    clha_loss.clha_loss(logps, rewards).backward()
+    assert logps.grad[0, 0] < 0          # raising the best candidate lowers the loss
+    assert logps.grad[0, K - 1] > 0      # lowering the worst candidate lowers the loss
+    logps.grad = None
+    clha_loss.pro_loss(logps).backward()
+    assert logps.grad[0, 0] < 0 and logps.grad[0, K - 1] > 0
+
+    # a pair inside the reward gap gets no gradient, even though its hinge is active
+    logps = torch.tensor([[-3.0, -1.0]], requires_grad=True)
+    clha_loss.clha_loss(logps, torch.tensor([[1.0, -1.5]]), reward_gap=3.0).backward()
+    assert torch.equal(logps.grad, torch.zeros(1, 2))
+
+    # a gated-out prompt (target reward <= 0) gets no SFT gradient; a gated-in one does
+    sums = torch.tensor([-40.0, -30.0], requires_grad=True)
+    clha_loss.sft_loss(sums, torch.tensor([-0.5, 2.0])).backward()
+    assert sums.grad[0] == 0 and sums.grad[1] < 0
+
+
+def loop_sequence_logps(logits, input_ids, response_mask):
+    """Eq. 3 token by token with log_softmax, in float64."""
+    means, sums = [], []
+    for n in range(len(input_ids)):
+        total, count = 0.0, 0
+        for t in range(1, input_ids.shape[1]):
+            if response_mask[n, t]:
+                total += torch.log_softmax(logits[n, t - 1].double(), dim=-1)[input_ids[n, t]].item()
+                count += 1
+        means.append(total / count)
+        sums.append(total)
+    return torch.tensor(means, dtype=torch.float64), torch.tensor(sums, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequence_logps_matches_token_loop(dtype):
+    g = torch.Generator().manual_seed(3)
+    N, T, V = 3, 9, 17
+    logits = (torch.randn(N, T, V, generator=g) * 3).to(dtype)
+    input_ids = torch.randint(0, V, (N, T), generator=g)
+    response_mask = torch.zeros(N, T, dtype=torch.bool)
+    response_mask[0, 4:9] = True     # response to the end
+    response_mask[1, 2:5] = True     # followed by padding
+    response_mask[2, 1] = True       # one token right after BOS
+    mean, total = clha_loss.sequence_logps(logits, input_ids, response_mask)
+    want_mean, want_sum = loop_sequence_logps(logits, input_ids, response_mask)
+    assert mean.dtype == torch.float32 and total.dtype == torch.float32
+    assert torch.allclose(mean.double(), want_mean, atol=1e-5)
+    assert torch.allclose(total.double(), want_sum, atol=1e-4)
+
+
+def test_sequence_logps_rejects_bad_masks():
+    logits, ids = torch.zeros(2, 5, 7), torch.zeros(2, 5, dtype=torch.long)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 2:] = True
+    with pytest.raises(ValueError, match=r"rows \[1\] have no response tokens"):
+        clha_loss.sequence_logps(logits, ids, mask)
+    mask[1, 0:3] = True
+    with pytest.raises(ValueError, match=r"rows \[1\] have a response token at position 0"):
+        clha_loss.sequence_logps(logits, ids, mask)
