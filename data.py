@@ -246,6 +246,16 @@ def step_batches(lengths, global_batch, seed, epoch, group_by_length=False, wind
     return steps
 
 
+def iterate_steps(lengths, global_batch, seed, epochs, start=0, group_by_length=False):
+    """Yield (step number, epoch, sample indices of that step) from optimizer step `start` to the end of
+    training: a resumed run sees exactly the batches an uninterrupted one would have seen."""
+    per_epoch = len(lengths) // global_batch
+    for epoch in range(start // per_epoch, epochs):
+        for i, step in enumerate(step_batches(lengths, global_batch, seed, epoch, group_by_length)):
+            if epoch * per_epoch + i >= start:
+                yield epoch * per_epoch + i, epoch, step
+
+
 def micro_batch(step, batch_size, world_size, rank, micro):
     """The indices that `rank` trains on in accumulation step `micro` of one optimizer step.
 
@@ -389,20 +399,28 @@ def padding_share(samples, tokenizer, batch_size, group_by_length, max_len=512, 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", help="output folder")
     parser.add_argument("--hh-dir", help="Anthropic's hh-rlhf folder (four subsets, train/test each)")
     parser.add_argument("--dev-size", type=int, default=280, help="test samples moved to dev.jsonl")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extra", help="a sample file with more responses per prompt (HH-RLHF_3)")
     parser.add_argument("--demo", action="store_true", help="write the built-in demo data instead")
+    parser.add_argument("--padding-report", metavar="SAMPLES", help="print the padding share of SAMPLES' batches")
+    parser.add_argument("--tokenizer", help="tokenizer for --padding-report (path or hub id)")
+    parser.add_argument("--batch-size", type=int, default=2, help="prompts per micro-batch for --padding-report")
     args = parser.parse_args()
-    if args.demo:
+    if args.padding_report:
+        from transformers import AutoTokenizer
+        samples, tokenizer = read_samples(args.padding_report), AutoTokenizer.from_pretrained(args.tokenizer)
+        for group in (False, True):
+            share = padding_share(samples, tokenizer, args.batch_size, group)
+            print(f"{args.padding_report}: B = {args.batch_size}, group_by_length={group}: {share:.1%} padding")
+    elif not args.out or not (args.demo or args.hh_dir):
+        parser.error("give --hh-dir DIR --out DIR (HH-RLHF splits), --demo --out DIR, or --padding-report")
+    elif args.demo:
         print(make_demo_data(args.out, seed=args.seed))
-    elif args.hh_dir:
-        build_splits(args.hh_dir, args.out, args.dev_size, args.seed, args.extra)
     else:
-        parser.error("give --hh-dir DIR (HH-RLHF) or --demo")
-
+        build_splits(args.hh_dir, args.out, args.dev_size, args.seed, args.extra)
 
 if __name__ == "__main__":
     main()

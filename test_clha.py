@@ -209,3 +209,180 @@ def test_sequence_logps_rejects_bad_masks():
     mask[1, 0:3] = True
     with pytest.raises(ValueError, match=r"rows \[1\] have a response token at position 0"):
         clha_loss.sequence_logps(logits, ids, mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data.py: reading HH-RLHF, the sample format, tokenization, sampling
+# ---------------------------------------------------------------------------------------------------------
+
+import gzip
+import json
+import os
+
+import data
+
+HH_TEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "hh-rlhf",
+                       "harmless-base", "test.jsonl.gz")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A LLaMA-style SentencePiece tokenizer trained offline on the demo data (bos 1, eos 2, pad 3)."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    paths = data.make_demo_data(str(folder / "raw"), n_train=600, n_test=10)
+    samples, _ = data.read_hh_rlhf(paths["train"])
+    return data.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]],
+                                str(folder / "tok"), vocab_size=600)
+
+
+@pytest.mark.skipif(not os.path.exists(HH_TEST), reason=f"real HH-RLHF data not found at {HH_TEST}")
+def test_read_real_hh_rlhf():
+    samples, skipped = data.read_hh_rlhf(HH_TEST)
+    # shared/data/README.md: 2,312 lines, 4 with an empty reply, 5 whose prompts differ between the two dialogues
+    assert len(samples) == 2312 - 4 - 5
+    assert skipped == {"empty reply": 4, "prompts differ": 5}
+    raw = {n: json.loads(line) for n, line in enumerate(gzip.open(HH_TEST, "rt"), 1)}
+    for s in samples:
+        line = raw[int(s["id"].split("/")[-1])]
+        assert s["subset"] == "harmless-base" and s["id"].startswith("harmless-base/test/")
+        for dialogue, response in zip((line["chosen"], line["rejected"]), s["responses"]):
+            assert response == dialogue.split("\n\nAssistant:")[-1].strip()   # the whole last turn
+            assert dialogue.startswith(s["prompt"]) and s["prompt"].endswith("\n\nAssistant:")
+            assert dialogue[len(s["prompt"]):].strip() == response           # prompt + reply rebuild the dialogue
+    # 48 final chosen replies have more than one paragraph (measured independently); none lost any
+    multi = [s for s in samples if "\n\n" in s["responses"][0]]
+    assert len(multi) == 48
+    assert all(s["responses"][0].count("\n\n") == raw[int(s["id"].split("/")[-1])]["chosen"].split(
+        "\n\nAssistant:")[-1].count("\n\n") for s in multi)
+
+
+def write_lines(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_read_hand_made_dialogues(tmp_path):
+    multi_turn = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: List two fruits\n\nAssistant:"
+    lines = [
+        json.dumps({"chosen": multi_turn + " Here:\n\n1. Apple\n2. Pear\n\nEnjoy!", "rejected": multi_turn + " No."}),
+        json.dumps({"chosen": multi_turn + " ", "rejected": multi_turn + " Something"}),                # empty reply
+        json.dumps({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"}),  # mismatch
+        "",                                                                                              # blank: ignored
+        json.dumps({"chosen": "\n\nHuman: Q\n\nAssistant:  two spaces ", "rejected": "\n\nHuman: Q\n\nAssistant: ok"}),
+    ]
+    path = tmp_path / "harmless-base" / "train.jsonl"
+    path.parent.mkdir()
+    write_lines(path, lines)
+    samples, skipped = data.read_hh_rlhf(str(path))
+    assert skipped == {"empty reply": 1, "prompts differ": 1}
+    assert [s["id"] for s in samples] == ["harmless-base/train/1", "harmless-base/train/5"]
+    assert samples[0]["prompt"] == multi_turn
+    assert samples[0]["responses"] == ["Here:\n\n1. Apple\n2. Pear\n\nEnjoy!", "No."]
+    assert samples[1]["responses"] == ["two spaces", "ok"] and samples[1]["rewards"] is None
+    write_lines(path, lines[:2] + ['{"chosen": "\\n\\nHuman: cut off'])
+    with pytest.raises(ValueError, match=r"train.jsonl:3: not valid JSON"):
+        data.read_hh_rlhf(str(path))
+
+
+def test_sample_files_and_authors_format(tmp_path):
+    dialogue = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Any tips?\n\nAssistant:"
+    raw = tmp_path / "helpful-base" / "test.jsonl"
+    raw.parent.mkdir()
+    write_lines(raw, [json.dumps({"chosen": dialogue + " Drink water.", "rejected": dialogue + " No."})])
+    ours, _ = data.read_hh_rlhf(str(raw))
+    turns = ["<|prompter|>Hi", "<|assistant|>Hello!", "<|prompter|>Any tips?", "<|assistant|>"]
+    authors = {"prefix": [turns, turns], "suffix": ["Drink water.", "No."], "reward": [1.5, -0.5], "sft_index": 0,
+               "meta": {"path": "../../data/raw_data/hhrlhf/helpful-base/test.jsonl", "line_num": 1, "task": "dialogue"}}
+    write_lines(tmp_path / "authors.jsonl", [json.dumps(authors)])
+    theirs = data.read_samples(str(tmp_path / "authors.jsonl"))
+    assert [(s["prompt"], s["responses"], s["subset"]) for s in theirs] == \
+           [(s["prompt"], s["responses"], s["subset"]) for s in ours]
+    assert theirs[0]["rewards"] == [1.5, -0.5]
+    # our format round-trips; a bad line names file and line
+    data.write_jsonl(str(tmp_path / "ours.jsonl"), ours)
+    assert data.read_samples(str(tmp_path / "ours.jsonl")) == ours
+    bad = dict(ours[0], rewards=[1.0])
+    write_lines(tmp_path / "bad.jsonl", [json.dumps(ours[0] | {"id": "x"}), json.dumps(bad)])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: 'rewards' must be null or 2 finite numbers"):
+        data.read_samples(str(tmp_path / "bad.jsonl"))
+
+
+def test_splits_and_extra_responses(tmp_path):
+    for subset in data.SUBSETS:
+        for split, n in (("train", 6), ("test", 100)):
+            lines = [json.dumps({"chosen": f"\n\nHuman: {subset} {split} {i}?\n\nAssistant: yes",
+                                 "rejected": f"\n\nHuman: {subset} {split} {i}?\n\nAssistant: no"}) for i in range(n)]
+            (tmp_path / "hh" / subset).mkdir(parents=True, exist_ok=True)
+            with gzip.open(tmp_path / "hh" / subset / f"{split}.jsonl.gz", "wt") as f:
+                f.write("\n".join(lines) + "\n")
+    data.build_splits(str(tmp_path / "hh"), str(tmp_path / "out"), dev_size=40, seed=1)
+    train = data.read_samples(str(tmp_path / "out" / "train.jsonl"))
+    dev = data.read_samples(str(tmp_path / "out" / "dev.jsonl"))
+    tests = {s: data.read_samples(str(tmp_path / "out" / "test" / f"{s}.jsonl")) for s in data.SUBSETS}
+    assert len(train) == 24 and len(dev) == 40 and sum(map(len, tests.values())) == 400 - 40
+    test_ids = {s["id"] for t in tests.values() for s in t}
+    assert not test_ids & {s["id"] for s in dev}                           # dev is removed from test
+    assert all(s["id"].startswith(subset) for subset, t in tests.items() for s in t)
+    # HH-RLHF_3: a third response from another file, matched by prompt; unmatched samples are dropped
+    extra = [dict(s, id=f"x{i}", responses=["yes", "maybe"]) for i, s in enumerate(train[:5])]
+    data.write_jsonl(str(tmp_path / "extra.jsonl"), extra)
+    three = data.add_responses(train, str(tmp_path / "extra.jsonl"))
+    assert [s["responses"] for s in three] == [["yes", "no", "maybe"]] * 5
+
+
+def test_tokenization_positions(tokenizer):
+    prompt = "\n\nHuman: Hi there!\n\nAssistant: Hello!\n\nHuman: How do I make tea?\n\nAssistant:"
+    sample = {"prompt": prompt, "responses": ["Sure! First boil some water.", "No."], "rewards": [2.0, -1.0],
+              "sft_index": 0}
+    encoded = data.encode_sample(tokenizer, sample, max_len=512, max_prompt_len=384)
+    batch = data.collate([encoded], [sample], tokenizer.pad_token_id)
+    ids, mask, attn = batch["input_ids"], batch["response_mask"], batch["attention_mask"]
+    assert ids.shape == (2, ids.shape[1]) and ids.shape[1] % 8 == 0
+    for n, response in enumerate(sample["responses"]):
+        assert ids[n, 0] == tokenizer.bos_token_id
+        assert tokenizer.decode(ids[n][mask[n]]) == response + "</s>"               # the response and its EOS
+        assert tokenizer.decode(ids[n][attn[n] & ~mask[n]][1:]) == prompt           # BOS + the prompt, exactly
+        assert ids[n][mask[n]][-1] == tokenizer.eos_token_id
+        assert not (mask[n] & ~attn[n]).any() and (ids[n][~attn[n]] == tokenizer.pad_token_id).all()
+    assert batch["rewards"].tolist() == [[2.0, -1.0]] and batch["sft_index"].tolist() == [0]
+    # the prompt is cut from the left: its end, where the reply starts, survives
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    short, _ = data.encode_sample(tokenizer, sample, max_len=512, max_prompt_len=6)
+    assert short == [tokenizer.bos_token_id] + prompt_ids[-6:]
+    assert tokenizer.decode(short[1:]).endswith("tea?\n\nAssistant:")
+    # a response too long for max_len is cut from the right, but keeps its EOS; no room at all leaves EOS alone
+    full = len(encoded[0])
+    _, responses = data.encode_sample(tokenizer, sample, max_len=full + 4, max_prompt_len=full + 2)
+    assert responses[0] == tokenizer("Sure! First boil some water.", add_special_tokens=False)["input_ids"][:3] + [2]
+    _, responses = data.encode_sample(tokenizer, sample, max_len=10, max_prompt_len=8)
+    assert responses == [[tokenizer.eos_token_id]] * 2
+    batch = data.collate([data.encode_sample(tokenizer, sample, 10, 8)], [sample], tokenizer.pad_token_id)
+    assert batch["response_mask"].sum(1).tolist() == [1, 1] and batch["input_ids"].shape[1] == 16
+
+
+def test_sampling_ranks_resume_and_seed():
+    lengths = [(i * 37) % 101 for i in range(103)]
+    B, world, accum = 3, 2, 2
+    global_batch = B * world * accum
+    for group in (False, True):
+        steps = data.step_batches(lengths, global_batch, seed=5, epoch=1, group_by_length=group)
+        assert steps == data.step_batches(lengths, global_batch, seed=5, epoch=1, group_by_length=group)
+        assert steps != data.step_batches(lengths, global_batch, seed=5, epoch=2, group_by_length=group)
+        seen = {r: [i for s in steps for m in range(accum) for i in data.micro_batch(s, B, world, r, m)]
+                for r in range(world)}
+        assert not set(seen[0]) & set(seen[1])                             # ranks see different prompts
+        assert len(seen[0]) == len(seen[1]) == 103 // global_batch * global_batch // 2
+        assert len(set(seen[0]) | set(seen[1])) == 103 // global_batch * global_batch   # the epoch, once each
+        # 1 rank x 2 accumulation steps trains on exactly the micro-batches of 2 ranks x 1
+        for s in steps:
+            assert [data.micro_batch(s, B, 1, 0, m) for m in range(world * accum)] == \
+                   [data.micro_batch(s, B, world, r, m) for m in range(accum) for r in range(world)]
+    # length grouping cuts padding: the spread of lengths inside a micro-batch shrinks
+    spread = {g: sum(max(lengths[i] for i in data.micro_batch(s, B, 1, 0, 0)) -
+                     min(lengths[i] for i in data.micro_batch(s, B, 1, 0, 0))
+                     for s in data.step_batches(lengths, B, 0, 0, g)) for g in (False, True)}
+    assert spread[True] < spread[False] / 3
+    # resuming at step s yields the batches of an uninterrupted run from s on, across epochs
+    run = list(data.iterate_steps(lengths, global_batch, seed=5, epochs=3, group_by_length=True))
+    assert [r[0] for r in run] == list(range(3 * (103 // global_batch)))
+    assert list(data.iterate_steps(lengths, global_batch, seed=5, epochs=3, start=11, group_by_length=True)) == run[11:]
