@@ -386,3 +386,133 @@ def test_sampling_ranks_resume_and_seed():
     run = list(data.iterate_steps(lengths, global_batch, seed=5, epochs=3, group_by_length=True))
     assert [r[0] for r in run] == list(range(3 * (103 // global_batch)))
     assert list(data.iterate_steps(lengths, global_batch, seed=5, epochs=3, start=11, group_by_length=True)) == run[11:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train.py: FSDP2 on CPU (gloo), resume, export, learning, bad setups
+# ---------------------------------------------------------------------------------------------------------
+
+import signal
+import subprocess
+import sys
+import time
+
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import train
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def ground_truth_rewards(samples):
+    """Rewards from the demo's known reply quality (0, 1, 2 -> -3, 1, 5: every pair 4 apart), best first."""
+    out = []
+    for s in samples:
+        rewards = [4.0 * data.demo_quality(s["prompt"], r) - 3.0 for r in s["responses"]]
+        order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
+        out.append(dict(s, responses=[s["responses"][i] for i in order], rewards=[rewards[i] for i in order]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, tokenizer):
+    """A tiny random LLaMA saved in HF format with the test tokenizer, and rescored demo train/dev files."""
+    folder = tmp_path_factory.mktemp("tiny")
+    paths = data.make_demo_data(str(folder / "raw"), n_train=400, n_test=60, tie=0.0, flip=0.0, seed=1)
+    train_samples = ground_truth_rewards(data.read_hh_rlhf(paths["train"])[0])
+    dev_samples = ground_truth_rewards(data.read_hh_rlhf(paths["test"])[0])
+    data.write_jsonl(str(folder / "train.jsonl"), train_samples)
+    data.write_jsonl(str(folder / "dev.jsonl"), dev_samples)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    LlamaForCausalLM(config).save_pretrained(str(folder / "base"))
+    tokenizer.save_pretrained(str(folder / "base"))
+    return {"dir": folder, "base": str(folder / "base"), "train": str(folder / "train.jsonl"),
+            "dev": str(folder / "dev.jsonl"), "dev_samples": dev_samples}
+
+
+def train_args(tiny, out, *extra):
+    return ["--model", tiny["base"], "--train", tiny["train"], "--out", str(out), "--global-batch", "8",
+            "--batch-size", "2", "--epochs", "1", "--lr", "2e-3", "--log-every", "1", "--save-every", "3",
+            "--max-len", "128", "--max-prompt-len", "64", *extra]
+
+
+def torchrun(nproc, args, **popen):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               os.path.join(ROOT, "train.py"), *args]
+    if popen:
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def kill_everything(torchrun_pid):
+    """SIGKILL torchrun and its workers, as a node failure would: each worker leads a session of its own."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if parent == torchrun_pid:
+            os.killpg(int(pid), signal.SIGKILL)
+    os.killpg(torchrun_pid, signal.SIGKILL)
+
+
+def losses(out):
+    """step -> loss from log.jsonl, the last record of each step (a resumed run logs some steps twice)."""
+    with open(os.path.join(out, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if "split" not in r}
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "run"
+    torchrun(2, train_args(tiny, out, "--max-steps", "9", "--dtype", "float32"))
+    return out
+
+
+def master_weights(out, step):
+    """The fp32 weights of a sharded checkpoint, consolidated without a process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(str(out / "checkpoints" / f"step_{step:07d}"), str(out / "weights.pt"))
+    return torch.load(str(out / "weights.pt"))["model"]
+
+
+def test_two_processes_match_one(tiny, two_rank_run, tmp_path):
+    # 2 ranks x 2 prompts x 2 accumulation steps == 1 rank x 2 prompts x 4: the same global batch of 8.
+    # fp32 compute, so that the only differences are the order of floating-point sums across ranks.
+    torchrun(1, train_args(tiny, tmp_path / "one", "--max-steps", "9", "--dtype", "float32"))
+    one, two = losses(tmp_path / "one"), losses(two_rank_run)
+    assert list(one) == list(range(1, 10))
+    assert [one[s] for s in one] == pytest.approx([two[s] for s in one], rel=1e-5)
+    w1, w2 = master_weights(tmp_path / "one", 9), master_weights(two_rank_run, 9)
+    w0 = LlamaForCausalLM.from_pretrained(tiny["base"]).state_dict()
+    for name in w1:   # equal up to rounding: far closer than what 9 steps of training moved them
+        assert (w1[name] - w2[name]).norm() < 1e-3 * (w1[name] - w0[name]).norm(), name
+
+
+def test_kill_and_resume_reproduces_the_run(tiny, two_rank_run, tmp_path):
+    out = tmp_path / "killed"
+    args = train_args(tiny, out, "--max-steps", "9", "--dtype", "float32")   # as two_rank_run
+    run = torchrun(2, args, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step_0000003").exists():
+        assert run.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    kill_everything(run.pid)                                    # mid-training, no chance to clean up
+    run.wait()
+    time.sleep(1)
+    assert not (out / "final").exists()
+    torchrun(2, args + ["--resume"])
+    resumed, uninterrupted = losses(out), losses(two_rank_run)
+    assert list(resumed) == list(range(1, 10))
+    assert [resumed[s] for s in range(4, 10)] == pytest.approx([uninterrupted[s] for s in range(4, 10)], rel=1e-6)
+    w1 = load_file(str(out / "final" / "model.safetensors"))
+    w2 = load_file(str(two_rank_run / "final" / "model.safetensors"))
+    assert all(torch.equal(w1[name], w2[name]) for name in w1)
