@@ -6,13 +6,27 @@ Every expected value is computed another way than the code under test: loops wri
 paper's equations, hand calculations, or an independent implementation (e.g. a per-token log_softmax).
 """
 
+import gzip
 import itertools
+import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import GPTNeoXConfig, GPTNeoXModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 import clha_loss
+import data
+import evaluate
+import rescore
+import train
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,11 +229,6 @@ def test_sequence_logps_rejects_bad_masks():
 # data.py: reading HH-RLHF, the sample format, tokenization, sampling
 # ---------------------------------------------------------------------------------------------------------
 
-import gzip
-import json
-import os
-
-import data
 
 HH_TEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "hh-rlhf",
                        "harmless-base", "test.jsonl.gz")
@@ -316,17 +325,17 @@ def test_splits_and_extra_responses(tmp_path):
             with gzip.open(tmp_path / "hh" / subset / f"{split}.jsonl.gz", "wt") as f:
                 f.write("\n".join(lines) + "\n")
     data.build_splits(str(tmp_path / "hh"), str(tmp_path / "out"), dev_size=40, seed=1)
-    train = data.read_samples(str(tmp_path / "out" / "train.jsonl"))
+    train_samples = data.read_samples(str(tmp_path / "out" / "train.jsonl"))
     dev = data.read_samples(str(tmp_path / "out" / "dev.jsonl"))
     tests = {s: data.read_samples(str(tmp_path / "out" / "test" / f"{s}.jsonl")) for s in data.SUBSETS}
-    assert len(train) == 24 and len(dev) == 40 and sum(map(len, tests.values())) == 400 - 40
+    assert len(train_samples) == 24 and len(dev) == 40 and sum(map(len, tests.values())) == 400 - 40
     test_ids = {s["id"] for t in tests.values() for s in t}
     assert not test_ids & {s["id"] for s in dev}                           # dev is removed from test
     assert all(s["id"].startswith(subset) for subset, t in tests.items() for s in t)
     # HH-RLHF_3: a third response from another file, matched by prompt; unmatched samples are dropped
-    extra = [dict(s, id=f"x{i}", responses=["yes", "maybe"]) for i, s in enumerate(train[:5])]
+    extra = [dict(s, id=f"x{i}", responses=["yes", "maybe"]) for i, s in enumerate(train_samples[:5])]
     data.write_jsonl(str(tmp_path / "extra.jsonl"), extra)
-    three = data.add_responses(train, str(tmp_path / "extra.jsonl"))
+    three = data.add_responses(train_samples, str(tmp_path / "extra.jsonl"))
     assert [s["responses"] for s in three] == [["yes", "no", "maybe"]] * 5
 
 
@@ -392,15 +401,6 @@ def test_sampling_ranks_resume_and_seed():
 # train.py: FSDP2 on CPU (gloo), resume, export, learning, bad setups
 # ---------------------------------------------------------------------------------------------------------
 
-import signal
-import subprocess
-import sys
-import time
-
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -516,3 +516,518 @@ def test_kill_and_resume_reproduces_the_run(tiny, two_rank_run, tmp_path):
     w1 = load_file(str(out / "final" / "model.safetensors"))
     w2 = load_file(str(two_rank_run / "final" / "model.safetensors"))
     assert all(torch.equal(w1[name], w2[name]) for name in w1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rescore.py: the OpenAssistant reward models, rescoring, resume, Eq. 1
+# ---------------------------------------------------------------------------------------------------------
+
+PROMPT = "\n\nHuman: How do I bake bread? \n\nAssistant: Do you have flour?\n\nHuman:  Yes, and yeast.\n\nAssistant:"
+OA_ROLES = ["<|prompter|>", "<|assistant|>"]
+
+
+def rm_sample(id_, responses, prompt=PROMPT, sft_index=0):
+    return {"id": id_, "subset": "test", "prompt": prompt, "responses": responses, "rewards": None,
+            "sft_index": sft_index}
+
+
+# ---- fixtures: a tiny OpenAssistant-format checkpoint, written the way the real ones are laid out ---------------
+
+@pytest.fixture(scope="module")
+def oa_checkpoint(tmp_path_factory):
+    """(path, backbone GPTNeoXModel, out_proj weight, out_proj bias, tokenizer) of a tiny OA reward model."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    path = str(tmp_path_factory.mktemp("oa_rm"))
+    texts = [PROMPT + " Mix flour, water and yeast, then bake it.", "Sure! First boil some water. I am not sure."] * 20
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|padding|>"] + OA_ROLES))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|padding|>",
+                                        additional_special_tokens=OA_ROLES)
+    tokenizer.save_pretrained(path)
+    # config.json as OpenAssistant's: their model type, architecture and the legacy GPT-NeoX rotary keys
+    config = {"model_type": "gpt_neox_reward_model", "architectures": ["GPTNeoXRewardModel"], "pooling": "last",
+              "vocab_size": len(tokenizer), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 64, "rotary_pct": 0.25, "rotary_emb_base": 10000, "max_position_embeddings": 256,
+              "use_parallel_residual": True, "hidden_act": "gelu", "layer_norm_eps": 1e-5, "torch_dtype": "float16"}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    torch.manual_seed(0)
+    backbone_config = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "pooling")}
+    backbone = GPTNeoXModel(GPTNeoXConfig(**backbone_config)).eval()
+    weight, bias = torch.randn(1, 32), torch.randn(1)
+    state = {"gpt_neox." + k: v.contiguous() for k, v in backbone.state_dict().items()}
+    state |= {"out_proj.weight": weight, "out_proj.bias": bias,
+              "gpt_neox.layers.0.attention.masked_bias": torch.tensor(-1e9)}   # old checkpoints carry this buffer
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path, backbone, weight, bias, tokenizer
+
+
+def oa_text(turns, eos="<|endoftext|>"):
+    return "".join(("<|prompter|>" if role == "Human" else "<|assistant|>") + text + eos for role, text in turns)
+
+
+def hand_reward(oa, ids):
+    """Eq. of the OA model written out: the backbone on one unpadded sequence, its last hidden state, the head."""
+    _, backbone, weight, bias = oa[:4]
+    with torch.no_grad():
+        hidden = backbone(torch.tensor([ids])).last_hidden_state[0, -1]
+    return (hidden @ weight[0] + bias[0]).item()
+
+
+# ---- OpenAssistant models: loading, format, pooling, truncation ---------------------------------------------------
+
+def test_oa_checkpoint_loads_by_path_without_missing_keys(oa_checkpoint):
+    from transformers import AutoModelForSequenceClassification
+    model, info = AutoModelForSequenceClassification.from_pretrained(oa_checkpoint[0], output_loading_info=True,
+                                                                     dtype=torch.float32)
+    assert type(model).__name__ == "GPTNeoXRewardModel" and model.config.pooling == "last"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert torch.equal(model.out_proj.weight, oa_checkpoint[2])
+
+
+def test_oa_format_on_a_two_turn_prompt(oa_checkpoint):
+    _, tokenizer, format_fn = rescore.load_reward_model(oa_checkpoint[0])
+    assert format_fn(PROMPT, "  Mix and bake. \n") == (
+        "<|prompter|>How do I bake bread?<|endoftext|><|assistant|>Do you have flour?<|endoftext|>"
+        "<|prompter|>Yes, and yeast.<|endoftext|><|assistant|>Mix and bake.<|endoftext|>")
+    ids = tokenizer(format_fn(PROMPT, "ok"), add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|prompter|>") and ids[-1] == tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="not an HH-RLHF prompt"):
+        format_fn("How do I bake bread?", "ok")
+
+
+def test_oa_scores_equal_a_hand_forward_in_a_padded_batch(oa_checkpoint):
+    model, tokenizer, format_fn = rescore.load_reward_model(oa_checkpoint[0])
+    responses = ["Mix flour.", "Sure! First boil some water, then bake it for forty minutes.", "No.",
+                 "I am not sure, sorry.", "Bake it."]
+    got = rescore.score(model, tokenizer, format_fn, [PROMPT] * 5, responses, batch_size=3)
+    turns = [("Human", "How do I bake bread?"), ("Assistant", "Do you have flour?"), ("Human", "Yes, and yeast.")]
+    lengths = set()
+    for response, reward in zip(responses, got):
+        ids = tokenizer(oa_text(turns + [("Assistant", response)]), add_special_tokens=False)["input_ids"]
+        lengths.add(len(ids))
+        assert reward == pytest.approx(hand_reward(oa_checkpoint, ids), abs=1e-5)
+    assert len(lengths) == 5                                       # every batch had padding
+
+
+def test_oa_left_truncation(oa_checkpoint):
+    model, tokenizer, format_fn = rescore.load_reward_model(oa_checkpoint[0])
+    ids = tokenizer(format_fn(PROMPT, "Mix flour."), add_special_tokens=False)["input_ids"]
+    assert len(ids) > 12
+    got = rescore.score(model, tokenizer, format_fn, [PROMPT, PROMPT], ["Mix flour.", "No."], max_length=12)
+    assert got[0] == pytest.approx(hand_reward(oa_checkpoint, ids[-12:]), abs=1e-5)
+
+
+# ---- re-ranking, statistics, resume ----------------------------------------------------------------------------
+
+def test_rerank_and_keep_human_order():
+    s = rm_sample("a", ["chosen", "rejected", "third"], sft_index=1)
+    out = rescore.rerank(s, [0.5, 2.0, 0.5])
+    assert out["responses"] == ["rejected", "chosen", "third"]       # ties keep the human order
+    assert out["rewards"] == [2.0, 0.5, 0.5] and out["sft_index"] == 0
+    kept = rescore.rerank(s, [0.5, 2.0, 0.5], keep_human_order=True)
+    assert kept["responses"] == s["responses"] and kept["rewards"] == [0.5, 2.0, 0.5] and kept["sft_index"] == 1
+
+
+def test_noise_stats_by_hand():
+    stats = rescore.noise_stats([[1.0, 5.0], [4.0, -2.0, 6.0], [0.5, 3.5]], [5.0, -1.0, 0.0], reward_gap=3.0)
+    # pairs i < j: (1, 5) (4, -2) (4, 6) (-2, 6) (0.5, 3.5); r_i < r_j in all but (4, -2); gap <= 3: (4, 6), (0.5, 3.5)
+    assert stats["pairs"] == 5 and stats["disagree"] == pytest.approx(4 / 5)
+    assert stats["within_gap"] == pytest.approx(2 / 5)
+    assert stats["sft_off"] == pytest.approx(2 / 3)                # a reward of exactly 0 turns the SFT term off
+    # sorted rewards -2, 0.5, 1, 3.5, 4, 5, 6: quartiles at positions 0, 1.5, 3, 4.5, 6
+    assert [stats[k] for k in ("min", "q1", "median", "q3", "max")] == [-2.0, 0.75, 3.5, 4.5, 6.0]
+    assert stats["mean"] == pytest.approx(18 / 7)
+
+
+def fake_scorer(monkeypatch, table, calls=None, crash_at_call=None):
+    """Replace the reward model by a table {response: reward}; record what is scored; crash on call n."""
+    monkeypatch.setattr(rescore, "load_reward_model", lambda path, device="cpu", dtype=None: (None, None, None))
+    calls = [] if calls is None else calls
+    def score(model, tokenizer, format_fn, prompts, responses, batch_size=16, max_length=1024, progress=False):
+        calls.append(list(responses))
+        if len(calls) == crash_at_call:
+            raise KeyboardInterrupt("simulated crash")
+        return [table[r] for r in responses]
+    monkeypatch.setattr(rescore, "score", score)
+
+
+def test_rescore_file_reranks_and_reports(tmp_path, monkeypatch, capsys):
+    samples = [rm_sample("a", ["bad", "good"]), rm_sample("b", ["bad", "good", "meh"], sft_index=2)]
+    data.write_jsonl(str(tmp_path / "in.jsonl"), samples)
+    fake_scorer(monkeypatch, {"good": 4.0, "bad": -1.0, "meh": 3.5})
+    stats = rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"))
+    out = data.read_samples(str(tmp_path / "out.jsonl"))
+    assert [s["responses"] for s in out] == [["good", "bad"], ["good", "meh", "bad"]]
+    assert [s["rewards"] for s in out] == [[4.0, -1.0], [4.0, 3.5, -1.0]] and [s["sft_index"] for s in out] == [0, 0]
+    # human-order pairs: (-1, 4) disagree, gap 5; (-1, 4) disagree; (-1, 3.5) disagree, gap 4.5; (4, 3.5) gap 0.5
+    assert stats["disagree"] == 0.75 and stats["within_gap"] == 0.25 and stats["sft_off"] == 0.0
+    assert "disagrees with the human order: 75.0%" in capsys.readouterr().out
+    stats = rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "kept.jsonl"),
+                                 keep_human_order=True)
+    kept = data.read_samples(str(tmp_path / "kept.jsonl"))
+    assert [s["responses"] for s in kept] == [s["responses"] for s in samples]
+    assert [s["sft_index"] for s in kept] == [0, 2] and kept[1]["rewards"] == [-1.0, 4.0, 3.5]
+    assert stats["sft_off"] == 0.5                                  # sample a keeps "bad" (-1) as its SFT target
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "kept.jsonl", "out.jsonl"]   # no part files
+
+
+def test_resume_after_a_crash(tmp_path, monkeypatch):
+    responses = [f"reply {n}" for n in range(40)]
+    table = {r: float(n % 7) - 3 for n, r in enumerate(responses)}
+    samples = [rm_sample(f"s{n}", responses[2 * n:2 * n + 2]) for n in range(20)]
+    data.write_jsonl(str(tmp_path / "in.jsonl"), samples)
+    fake_scorer(monkeypatch, table)
+    rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "whole.jsonl"), batch_size=1)
+
+    fake_scorer(monkeypatch, table, crash_at_call=2)   # crash while scoring the second chunk (8 samples a chunk)
+    with pytest.raises(KeyboardInterrupt):
+        rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), batch_size=1)
+    part = tmp_path / "out.jsonl.part0"
+    assert len(part.read_text().splitlines()) == 8 and not (tmp_path / "out.jsonl").exists()
+    with open(part, "a") as f:                         # a crash in the middle of writing a line
+        f.write('{"id": "s8", "rewa')
+
+    calls = []
+    fake_scorer(monkeypatch, table, calls)
+    rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), batch_size=1)
+    assert sorted(r for c in calls for r in c) == sorted(responses[16:])          # only the unfinished samples
+    out = data.read_samples(str(tmp_path / "out.jsonl"))
+    assert [s["id"] for s in out] == [s["id"] for s in samples]                   # every id once, in input order
+    assert (tmp_path / "out.jsonl").read_text() == (tmp_path / "whole.jsonl").read_text()
+    assert not part.exists()
+
+
+def test_errors_name_the_file_and_line(tmp_path, monkeypatch):
+    fake_scorer(monkeypatch, {"a": 1.0, "b": 0.0})
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        rescore.rescore_file("fake", str(tmp_path / "missing.jsonl"), str(tmp_path / "out.jsonl"))
+    (tmp_path / "in.jsonl").write_text(json.dumps(rm_sample("x", ["a", "b"])) + "\n{broken\n")
+    with pytest.raises(ValueError, match=r"in.jsonl:2"):
+        rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"))
+    data.write_jsonl(str(tmp_path / "in.jsonl"), [rm_sample("x", ["a", "b"]), rm_sample("y", ["a", "b"])])
+    (tmp_path / "out.jsonl.part0").write_text('{"id": "x", "rewards": [1.0, 0.0]}\nnot json\n{"id": "y"')
+    with pytest.raises(ValueError, match=r"out.jsonl.part0:2"):
+        rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"))
+    (tmp_path / "out.jsonl.part0").write_text('{"id": "z", "rewards": [1.0, 0.0]}\n')   # left from another file
+    with pytest.raises(ValueError, match="'z' with 2 rewards is not in the input"):
+        rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"))
+
+
+# ---- Eq. 1 and reward-model training -----------------------------------------------------------------------------
+
+def test_rm_loss_by_hand():
+    chosen, rejected = [2.0, -1.0, 30.0], [0.5, 1.0, -30.0]
+    expected = sum(math.log(1 + math.exp(-(c - r))) for c, r in zip(chosen, rejected)) / 3   # -log sigmoid(d)
+    assert rescore.rm_loss(torch.tensor(chosen), torch.tensor(rejected)).item() == pytest.approx(expected, rel=1e-6)
+    assert rescore.preference_pairs([rm_sample("a", ["x", "y", "z"])]) == [
+        (PROMPT, "x", "y"), (PROMPT, "x", "z"), (PROMPT, "y", "z")]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Demo data with clean labels, a tokenizer trained on it, and a tiny random LLaMA classifier as the base."""
+    root = tmp_path_factory.mktemp("demo")
+    paths = data.make_demo_data(str(root / "raw"), n_train=300, n_test=100, flip=0, tie=0, seed=1)
+    for split in ("train", "test"):
+        data.write_jsonl(str(root / f"{split}.jsonl"), data.read_hh_rlhf(paths[split], "demo", split)[0])
+    samples = data.read_samples(str(root / "train.jsonl"))
+    tokenizer = data.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]],
+                                     str(root / "base"), vocab_size=400)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, num_labels=1)
+    LlamaForSequenceClassification(config).save_pretrained(str(root / "base"))
+    return root
+
+
+def test_llama_scores_equal_a_hand_forward_in_a_padded_batch(demo):
+    model, tokenizer, format_fn = rescore.load_reward_model(str(demo / "base"))
+    assert model.config.pad_token_id == 3 and format_fn("\n\nHuman: Hi\n\nAssistant:", " Hello ") == (
+        "<s>\n\nHuman: Hi\n\nAssistant: Hello</s>")
+    samples = data.read_samples(str(demo / "test.jsonl"))[:4]
+    prompts, responses = [s["prompt"] for s in samples for _ in (0, 1)], [r for s in samples for r in s["responses"]]
+    got = rescore.score(model, tokenizer, format_fn, prompts, responses, batch_size=8)
+    lengths = set()
+    for p, r, reward in zip(prompts, responses, got):
+        ids = tokenizer("<s>" + p + " " + r.strip() + "</s>", add_special_tokens=False)["input_ids"]
+        lengths.add(len(ids))
+        assert 3 not in ids and ids[-1] == 2           # LLaMA pools the rightmost non-pad token: EOS, never a pad
+        with torch.no_grad():
+            hidden = model.model(torch.tensor([ids])).last_hidden_state[0, -1]
+        assert reward == pytest.approx((model.score.weight[0] @ hidden).item(), abs=1e-5)
+    assert len(lengths) > 1                            # the batch was padded
+
+
+def test_reward_model_with_two_outputs_is_refused(tmp_path, demo):
+    from transformers import AutoTokenizer
+    config = LlamaConfig(vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_labels=2)
+    LlamaForSequenceClassification(config).save_pretrained(str(tmp_path))
+    AutoTokenizer.from_pretrained(str(demo / "base")).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="2 outputs"):
+        rescore.load_reward_model(str(tmp_path))
+
+
+def test_train_reward_model_learns_separable_pairs(demo, tmp_path):
+    accuracy = rescore.train_reward_model(str(demo / "train.jsonl"), str(tmp_path / "rm"), str(demo / "base"),
+                                          dev=str(demo / "test.jsonl"), lr=3e-3, batch_size=16, max_length=128)
+    assert accuracy >= 0.85                           # chance is 0.5; the random base scores about that
+    model, tokenizer, format_fn = rescore.load_reward_model(str(tmp_path / "rm"))   # saved in HF format, loads back
+    pairs = rescore.preference_pairs(data.read_samples(str(demo / "test.jsonl")))
+    assert rescore.pairwise_accuracy(model, tokenizer, format_fn, pairs, 16, 128) == pytest.approx(accuracy)
+
+
+# ---- torchrun ----------------------------------------------------------------------------------------------------
+
+def test_torchrun_two_processes_match_one(oa_checkpoint, tmp_path):
+    replies = ["Mix flour.", "Sure! First boil some water.", "No.", "I am not sure, sorry.", "Bake it.", "Why?"]
+    samples = [rm_sample(f"s{n}", [replies[n % 6], replies[(n + 1) % 6], replies[(n + 3) % 6]][:2 + n % 2])
+               for n in range(7)]                                   # K = 2 and K = 3 mixed
+    data.write_jsonl(str(tmp_path / "in.jsonl"), samples)
+    one = rescore.rescore_file(oa_checkpoint[0], str(tmp_path / "in.jsonl"), str(tmp_path / "one.jsonl"), batch_size=2)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "rescore.py", "--reward-model", oa_checkpoint[0], "--data", str(tmp_path / "in.jsonl"),
+                          "--out", str(tmp_path / "two.jsonl"), "--batch-size", "2"],
+                         cwd=os.path.dirname(os.path.abspath(rescore.__file__)), env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = data.read_samples(str(tmp_path / "one.jsonl")), data.read_samples(str(tmp_path / "two.jsonl"))
+    key = lambda s: (s["id"], s["responses"], s["sft_index"])
+    assert [key(s) for s in a] == [key(s) for s in b]
+    for x, y in zip(a, b):
+        assert x["rewards"] == pytest.approx(y["rewards"], abs=1e-5)
+    assert f"disagrees with the human order: {one['disagree']:.1%}" in run.stdout and run.stdout.count("wrote") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "one.jsonl", "two.jsonl"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluate.py: BLEU, stop strings, batched greedy generation, rewards, resume, torchrun
+# ---------------------------------------------------------------------------------------------------------
+
+N_NEW = 10                      # max_new_tokens in these tests
+
+
+# ---- fixtures: demo test samples in two subsets, a tokenizer, a tiny policy and a tiny reward model ------------
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    paths = data.make_demo_data(str(tmp / "raw"), n_train=40, n_test=12, seed=1)
+    samples, _ = data.read_hh_rlhf(paths["test"], "harmless-base", "test")
+    train_samples, _ = data.read_hh_rlhf(paths["train"], "x", "train")
+    tokenizer = data.train_tokenizer([s["prompt"] + " " + r for s in samples + train_samples for r in s["responses"]],
+                                     str(tmp / "tok"), vocab_size=400)
+    samples[0]["responses"].append("I do not know.")                    # one prompt ranks K = 3 responses
+    files = []
+    for subset, part in (("harmless-base", samples[:5]), ("helpful-base", samples[5:])):
+        for n, s in enumerate(part):
+            s.update(id=f"{subset}/test/{n}", subset=subset)
+        files.append(str(tmp / f"{subset}.jsonl"))
+        data.write_jsonl(files[-1], part)
+    config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=3, initializer_range=0.3)   # wide weights: peaked, varied greedy output
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    reward_model = LlamaForSequenceClassification(LlamaConfig(**config, num_labels=1)).eval()
+    for name, model in (("policy", policy), ("rm", reward_model)):
+        model.save_pretrained(tmp / name)
+        tokenizer.save_pretrained(tmp / name)
+    return {"tmp": tmp, "files": files, "samples": [s for f in files for s in data.read_samples(f)],
+            "tokenizer": tokenizer, "policy": policy, "policy_dir": str(tmp / "policy"), "rm_dir": str(tmp / "rm")}
+
+
+@pytest.fixture(scope="module")
+def full_run(env):
+    """One single-process run of the whole protocol."""
+    out = str(env["tmp"] / "run1")
+    results = evaluate.evaluate(env["policy_dir"], env["rm_dir"], env["files"], out, batch_size=3,
+                                max_new_tokens=N_NEW, max_prompt_len=48)
+    return out, results
+
+
+def assert_same_results(a, b):
+    assert a.keys() == b.keys()
+    for subset in a:
+        assert a[subset] == pytest.approx(b[subset], abs=1e-4), subset
+
+
+def read_text(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+# ---- BLEU and stop strings -----------------------------------------------------------------------------------
+
+def test_sentence_bleu_hand_computed():
+    assert evaluate.sentence_bleu("the cat sat", "the cat sat") == 1.0          # all p_n = 1, c = r: BP = 1
+    assert evaluate.sentence_bleu("abcxyz", "abcdef") == 0.0                    # 4-grams abcx bcxy cxyz: none shared
+    assert evaluate.sentence_bleu("", "abc") == 0.0                             # c = 0
+    assert evaluate.sentence_bleu("abc", "abc") == 0.0                          # no 4-gram at all: p_4 = 0 / max(1, 0)
+    # "abcd" vs "abcde": p_1..p_4 = 4/4, 3/3, 2/2, 1/1; c = 4 < r = 5: BP = exp(1 - 5/4)
+    assert evaluate.sentence_bleu("abcd", "abcde") == pytest.approx(math.exp(-0.25))
+    # "abcdx" vs "abcdefg": unigrams a b c d x -> 4/5; ab bc cd dx -> 3/4; abc bcd cdx -> 2/3; abcd bcdx -> 1/2
+    # geometric mean (4/5 * 3/4 * 2/3 * 1/2)^(1/4) = (1/5)^(1/4); c = 5 < r = 7: BP = exp(1 - 7/5) = 0.670320
+    assert evaluate.sentence_bleu("abcdx", "abcdefg") == pytest.approx(0.2 ** 0.25 * math.exp(-0.4))   # 0.448266
+    # clipping: "ababab" vs "ababx" (c = 6 > r = 5, BP = 1): a x3, b x3 clipped to 2 + 2 -> 4/6;
+    # ab x3 -> 2, ba x2 -> 1: 3/5; aba x2 -> 1, bab x2 -> 1: 2/4; abab x2 -> 1, baba -> 0: 1/3
+    assert evaluate.sentence_bleu("ababab", "ababx") == pytest.approx((4 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
+
+
+def test_cut_at_stop():
+    assert evaluate.cut_at_stop(" Sure, boil water.\n\nHuman: and then?") == "Sure, boil water."
+    assert evaluate.cut_at_stop("a assistant: b Human: c") == "a"               # the first stop string wins
+    assert evaluate.cut_at_stop("Human: hi") == ""
+    assert evaluate.cut_at_stop("  no stop here \n") == "no stop here"
+    assert evaluate.cut_at_stop("human being: fine") == "human being: fine"      # only the exact strings stop
+
+
+# ---- prompts, generation, teacher forcing ------------------------------------------------------------------------
+
+def test_prompts_truncated_left_and_padded_left(env):
+    tok = env["tokenizer"]
+    long, short = "\n\nHuman: How do I make tea?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:"
+    ids_long, ids_short = (tok(p, add_special_tokens=False)["input_ids"] for p in (long, short))
+    input_ids, mask = evaluate.left_padded(tok, [long], 5)
+    assert input_ids.tolist() == [[1] + ids_long[-5:]] and mask.tolist() == [[1] * 6]   # BOS + the last 5 tokens
+    input_ids, mask = evaluate.left_padded(tok, [long, short], 384)
+    pad = len(ids_long) - len(ids_short)
+    assert input_ids.tolist() == [[1] + ids_long, [3] * pad + [1] + ids_short]
+    assert mask.tolist() == [[1] * (len(ids_long) + 1), [0] * pad + [1] * (len(ids_short) + 1)]
+
+
+def greedy_by_hand(model, tokenizer, prompt, max_prompt_len, n_new):
+    """Greedy decoding without the KV cache or padding: the whole sequence through the model at every step."""
+    ids = [1] + tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_len:]
+    new = []
+    with torch.no_grad():
+        for _ in range(n_new):
+            token = model(torch.tensor([ids + new])).logits[0, -1].argmax().item()
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+    return evaluate.cut_at_stop(tokenizer.decode(new))
+
+
+def test_batched_generation_equals_one_at_a_time(env):
+    model, tok = env["policy"], env["tokenizer"]
+    prompts = [s["prompt"] for s in env["samples"][:7]]
+    assert len({len(tok(p)["input_ids"]) for p in prompts}) > 2                 # padding really happens
+    batched = evaluate.generate(model, tok, prompts, max_new_tokens=N_NEW, max_prompt_len=48, batch_size=4)
+    single = [evaluate.generate(model, tok, [p], max_new_tokens=N_NEW, max_prompt_len=48)[0] for p in prompts]
+    assert batched == single
+    assert len(set(batched)) > 3                                              # the prompts matter
+    # and both equal a plain greedy loop on the prompt cut to its last 12 tokens
+    cut = evaluate.generate(model, tok, prompts[:3], max_new_tokens=N_NEW, max_prompt_len=12, batch_size=3)
+    assert cut == [greedy_by_hand(model, tok, p, 12, N_NEW) for p in prompts[:3]]
+
+
+def test_pairwise_accuracy_matches_per_sequence_log_softmax(env):
+    model, tok, samples = env["policy"], env["tokenizer"], env["samples"]
+    correct = pairs = 0
+    with torch.no_grad():
+        for s in samples:
+            prompt = [1] + tok(s["prompt"], add_special_tokens=False)["input_ids"][-384:]
+            p = []
+            for response in s["responses"]:                                   # Eq. 3, one sequence at a time
+                target = tok(response, add_special_tokens=False)["input_ids"] + [2]
+                logprobs = model(torch.tensor([prompt + target])).logits[0].log_softmax(-1)
+                p.append(sum(logprobs[len(prompt) + t - 1, y].item() for t, y in enumerate(target)) / len(target))
+            correct += sum(p[i] > p[j] for i in range(len(p)) for j in range(i + 1, len(p)))
+            pairs += len(p) * (len(p) - 1) // 2
+    assert pairs == len(samples) + 2                                          # the K = 3 sample has 3 pairs
+    accuracy = evaluate.pairwise_accuracy(model, tok, samples, batch_size=3)
+    assert accuracy == pytest.approx(correct / pairs)
+    assert 0 < accuracy < 1                                                   # a random model gets some of each
+
+
+def test_summarize_and_table_hand_computed(tmp_path):
+    rec = lambda subset, reward, bleu, text, correct, pairs: dict(subset=subset, reward=reward, bleu=bleu,
+                                                                 generation=text, pairs_correct=correct, pairs=pairs)
+    records = [rec("A", 0.0, 0.5, "x", 1, 1), rec("A", math.log(3), 0.1, "", 0, 1),    # sigmoid: 1/2, 3/4
+               rec("B", -math.log(3), 0.0, "y", 2, 3)]                                # sigmoid: 1/4
+    results = evaluate.summarize(records, ["A", "B"])
+    assert results["A"] == pytest.approx({"n": 2, "bleu": 30.0, "reward": 62.5, "pair_acc": 50.0, "empty": 1})
+    assert results["B"] == pytest.approx({"n": 1, "bleu": 0.0, "reward": 25.0, "pair_acc": 200 / 3, "empty": 0})
+    # Total pools the samples: reward (1/2 + 3/4 + 1/4) / 3 = 50, not the mean of the subsets' 62.5 and 25
+    assert results["Total"] == pytest.approx({"n": 3, "bleu": 20.0, "reward": 50.0, "pair_acc": 60.0, "empty": 1})
+    table = evaluate.format_table([("run", results)]).split("\n")
+    assert table[0] == "| Method | A BLEU | A Reward | B BLEU | B Reward | Total BLEU | Total Reward |"
+    assert table[2] == "| run | 30.00 | 62.50 | 0.00 | 25.00 | 20.00 | 50.00 |"
+    (tmp_path / "rank0.jsonl").write_text('{"id": "a"}\n{"id": \n{"id": "c"}\n{"id": "d", "to')
+    with pytest.raises(ValueError, match="rank0.jsonl:2"):                     # a broken line before the last
+        evaluate.read_parts(str(tmp_path))
+    (tmp_path / "rank0.jsonl").write_text('{"id": "a"}\n{"id": "c"}\n{"id": "d", "to')
+    assert list(evaluate.read_parts(str(tmp_path))) == ["a", "c"]             # a torn last line is skipped
+
+
+# ---- the whole protocol ------------------------------------------------------------------------------------------
+
+def test_rewards_and_records(env, full_run):
+    import rescore
+    out, results = full_run
+    records = [json.loads(line) for line in read_text(os.path.join(out, "generations.jsonl")).split("\n")[:-1]]
+    assert [r["id"] for r in records] == [s["id"] for s in env["samples"]]
+    generations = evaluate.generate(env["policy"], env["tokenizer"], [s["prompt"] for s in env["samples"]],
+                                    max_new_tokens=N_NEW, max_prompt_len=48)
+    assert [r["generation"] for r in records] == generations
+    # the reward model called directly on rescore.py's text, one unpadded sequence at a time
+    rm, rm_tok, format_fn = rescore.load_reward_model(env["rm_dir"])
+    with torch.no_grad():
+        scores = [rm(**rm_tok(format_fn(s["prompt"], g), add_special_tokens=False, return_tensors="pt"))
+                  .logits[0, 0].item()
+                  for s, g in zip(env["samples"], generations)]
+    assert [r["reward"] for r in records] == pytest.approx(scores, abs=1e-4)
+    for subset, idx in (("harmless-base", range(0, 5)), ("helpful-base", range(5, 12)), ("Total", range(12))):
+        assert results[subset]["n"] == len(idx)
+        assert results[subset]["reward"] == pytest.approx(100 * sum(1 / (1 + math.exp(-scores[i])) for i in idx)
+                                                          / len(idx), abs=1e-3)
+        assert results[subset]["empty"] == sum(generations[i] == "" for i in idx)
+    assert_same_results(json.loads(read_text(os.path.join(out, "results.json"))), results)
+    assert "| harmless-base BLEU | harmless-base Reward | helpful-base BLEU" in read_text(os.path.join(out, "table.md"))
+
+
+def test_resume_after_interrupt_yields_every_prompt_once(env, full_run):
+    out1, results = full_run
+    out = str(env["tmp"] / "resumed")
+    os.makedirs(os.path.join(out, "parts"))
+    shutil.copy(os.path.join(out1, "settings.json"), out)
+    lines = read_text(os.path.join(out1, "parts", "rank0.jsonl")).split("\n")
+    with open(os.path.join(out, "parts", "rank0.jsonl"), "w", encoding="utf-8") as f:   # 4 lines, a torn fifth
+        f.write("\n".join(lines[:4]) + "\n" + lines[4][:25])
+    resumed = evaluate.evaluate(env["policy_dir"], env["rm_dir"], env["files"], out, batch_size=3,
+                                max_new_tokens=N_NEW, max_prompt_len=48)
+    part = [json.loads(line) for line in read_text(os.path.join(out, "parts", "rank0.jsonl")).split("\n")[:-1]]
+    assert sorted(r["id"] for r in part) == sorted(s["id"] for s in env["samples"])   # each once, none lost
+    assert_same_results(resumed, results)
+    with pytest.raises(ValueError, match="max_new_tokens"):                   # other settings need a new --out
+        evaluate.evaluate(env["policy_dir"], env["rm_dir"], env["files"], out, max_new_tokens=N_NEW + 1)
+
+
+def test_torchrun_two_processes_equal_one(env, full_run, monkeypatch, capsys):
+    out1, results = full_run
+    out2 = str(env["tmp"] / "run2")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(ROOT, "evaluate.py"), "--model", env["policy_dir"], "--reward-model", env["rm_dir"],
+               "--data", *env["files"], "--out", out2, "--batch-size", "3", "--max-new-tokens", str(N_NEW),
+               "--max-prompt-len", "48"]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(out2, "parts"))) == ["rank0.jsonl", "rank1.jsonl"]
+    table = read_text(os.path.join(out2, "table.md"))
+    assert table.replace("| run2 |", "| run1 |") == read_text(os.path.join(out1, "table.md"))   # rows named by --out
+    assert table in run.stdout                                                # printed too
+    assert_same_results(json.loads(read_text(os.path.join(out2, "results.json"))), results)
+    # --compare: one row per run
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--compare", out1, out2])
+    evaluate.main()
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[2].startswith(f"| {out1} |") and rows[3].startswith(f"| {out2} |")

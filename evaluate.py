@@ -1,0 +1,353 @@
+"""The paper's evaluation protocol (Sec. 3.4, Tables 2-3): greedy generation, reward-model score, character BLEU.
+
+    python evaluate.py --model CKPT --reward-model RM --data test/*.jsonl --out runs/clha2
+    torchrun --nproc_per_node 8 evaluate.py --model CKPT --reward-model RM --data test/*.jsonl --out runs/clha2
+    python evaluate.py --compare runs/sft runs/pro2 runs/clha2
+
+The first two print a Markdown table in Table 2's layout (a BLEU / Reward column pair per subset, then Total =
+the mean over all samples) and a second one with each subset's size, the policy's teacher-forced pairwise
+accuracy and its count of empty generations; both go to DIR/table.md. `--compare` prints the runs side by
+side, one row per run, as in Table 3. Files written to DIR:
+    parts/rank<r>.jsonl   each rank's records, appended and flushed per prompt (an interrupted run resumes)
+    generations.jsonl     the merged records in input order: id, subset, prompt, generation, reference,
+                          reward (the raw reward-model score), bleu, pairs_correct, pairs
+    results.json          per subset and Total: n, bleu, reward, pair_acc (all x100), empty
+    settings.json         what produced the run; resuming with other settings is an error
+
+Protocol (reference-notes.md, "Evaluation"): greedy decoding of at most 128 new tokens from the prompt cut on
+the left to 384 tokens; the text is cut at the first "Human:" / "Assistant:" (either case). Reward is
+sigmoid(RM score) averaged over a subset; BLEU is nltk's sentence_bleu([reference], hypothesis) on raw strings,
+i.e. character 4-grams, against the sample's first response. Each torchrun rank holds a whole policy and reward
+model and takes the prompts i % world == rank; rank 0 merges. bf16 on CUDA, fp32 on CPU.
+"""
+
+import argparse
+import inspect
+import json
+import math
+import os
+from collections import Counter
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from clha_loss import sequence_logps
+from data import collate, encode_prompt, encode_sample, read_samples, write_jsonl
+
+STOP_STRINGS = ("Human:", "human:", "Assistant:", "assistant:")
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------
+
+def cut_at_stop(text):
+    """The text before the first stop string, stripped: the model's turn ends where it starts the next one."""
+    cut = min((i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0), default=len(text))
+    return text[:cut].strip()
+
+
+def sentence_bleu(hypothesis, reference):
+    """The authors' BLEU: nltk's sentence_bleu([reference], hypothesis) on strings, so n-grams are of characters.
+
+        BLEU = BP * (p_1 p_2 p_3 p_4)^(1/4),   BP = 1 if c > r else exp(1 - r / c)
+        p_n  = sum over hypothesis n-grams g of min(count_hyp(g), count_ref(g)) / max(1, number of hypothesis n-grams)
+    c, r: the lengths in characters of hypothesis and reference. Without smoothing, a p_n of 0 makes the score
+    0 (nltk gives exp(log(float_min) / 4) ~ 1e-77 there, 0 at any printed precision); c = 0 gives 0.
+    """
+    c, r = len(hypothesis), len(reference)
+    log_p = 0.0
+    for n in range(1, 5):
+        hyp = Counter(hypothesis[i:i + n] for i in range(c - n + 1))
+        ref = Counter(reference[i:i + n] for i in range(r - n + 1))
+        matches = sum(min(k, ref[g]) for g, k in hyp.items())    # clipped counts
+        if matches == 0:
+            return 0.0
+        log_p += math.log(matches / max(1, sum(hyp.values()))) / 4
+    brevity_penalty = 1.0 if c > r else math.exp(1 - r / c)
+    return brevity_penalty * math.exp(log_p)
+
+
+# ---- generation and teacher-forced scoring -------------------------------------------------------------------
+
+def pad_id(tokenizer):
+    """Any id works under a zero attention mask; LLaMA's tokenizer has no pad token, so fall back to EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_padded(tokenizer, prompts, max_prompt_len):
+    """Prompts -> (input_ids, attention_mask) [B, T]: [BOS] + the prompt cut from the left, padded on the left
+    so that every row's last token sits at position T - 1 and generation continues all rows at once."""
+    encoded = [encode_prompt(tokenizer, p, max_prompt_len) for p in prompts]
+    T = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), T), pad_id(tokenizer), dtype=torch.long)   # [B, T]
+    attention_mask = torch.zeros(len(encoded), T, dtype=torch.long)                   # [B, T]
+    for b, ids in enumerate(encoded):
+        input_ids[b, T - len(ids):] = torch.tensor(ids)
+        attention_mask[b, T - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+@torch.inference_mode()
+def generate_batches(model, tokenizer, prompts, max_new_tokens=128, max_prompt_len=384, batch_size=8,
+                     progress=False):
+    """Yield (indices into prompts, generated texts) one batch at a time, longest prompts first.
+
+    Sorting by length keeps padding small, and the longest batch comes first, so running out of memory shows
+    at once. Greedy with the KV cache; a row stops at EOS or once it has written a stop string (the text
+    after it is cut anyway, and greedy tokens before it do not depend on what follows).
+    """
+    lengths = [len(encode_prompt(tokenizer, p, max_prompt_len)) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc="generate", unit="batch")
+    for idx in batches:
+        input_ids, attention_mask = left_padded(tokenizer, [prompts[i] for i in idx], max_prompt_len)
+        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                             do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer),
+                             stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)   # [B, T + new]
+        new_tokens = out[:, input_ids.shape[1]:].tolist()             # EOS and the padding after it are special
+        yield idx, [cut_at_stop(tokenizer.decode(t, skip_special_tokens=True)) for t in new_tokens]
+
+
+def generate(model, tokenizer, prompts, max_new_tokens=128, max_prompt_len=384, batch_size=8, progress=False):
+    """Greedy replies to `prompts`, in input order. model.generation_config still applies (a repetition_penalty
+    would change greedy search): evaluate() resets it to the library defaults."""
+    texts = {}
+    for idx, batch in generate_batches(model, tokenizer, prompts, max_new_tokens, max_prompt_len, batch_size,
+                                       progress):
+        texts.update(zip(idx, batch))
+    return [texts[i] for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def pair_counts(model, tokenizer, samples, batch_size=4, max_len=512, max_prompt_len=384):
+    """For each sample, how many of its pairs i < j have p_i > p_j: Eq. 3's mean log-prob of each response
+    (with its EOS, as in training) given the prompt, teacher-forced. A tie counts as wrong."""
+    counts = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        encoded = [encode_sample(tokenizer, s, max_len, max_prompt_len) for s in chunk]
+        batch = collate(encoded, chunk, pad_id(tokenizer))               # right-padded, the layout of training
+        input_ids = batch["input_ids"].to(model.device)               # [B*K, T]
+        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(model.device)).logits
+        logps, _ = sequence_logps(logits, input_ids, batch["response_mask"].to(model.device))  # [B*K] Eq. (3)
+        row = 0
+        for s in chunk:                                               # rows are prompt-major, K may vary
+            p = logps[row:row + len(s["responses"])].tolist()
+            row += len(p)
+            counts.append(sum(p[i] > p[j] for i in range(len(p)) for j in range(i + 1, len(p))))
+    return counts
+
+
+def pairwise_accuracy(model, tokenizer, samples, batch_size=4, max_len=512, max_prompt_len=384):
+    """Share of the pairs i < j (i the better response) in which the policy gives i the higher p_i (Eq. 3)."""
+    pairs = sum(len(s["responses"]) * (len(s["responses"]) - 1) // 2 for s in samples)
+    return sum(pair_counts(model, tokenizer, samples, batch_size, max_len, max_prompt_len)) / pairs
+
+
+# ---- records, results and tables -----------------------------------------------------------------------------
+
+def finished_bytes(path):
+    """A part file up to its last newline: a run killed mid-write leaves at most one unfinished line after it."""
+    with open(path, "rb") as f:
+        content = f.read()
+    return content[:content.rfind(b"\n") + 1]
+
+
+def read_parts(part_dir):
+    """{id: record} over the part files of every rank of every earlier run, whatever its number of ranks."""
+    records = {}
+    for name in sorted(os.listdir(part_dir)):
+        path = os.path.join(part_dir, name)
+        for line_no, line in enumerate(finished_bytes(path).decode("utf-8").split("\n")[:-1], 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}); delete the line to resume") from None
+            records.setdefault(record["id"], record)
+    return records
+
+
+def summarize(records, subsets):
+    """Per subset and Total: n, BLEU x100, Reward = mean sigmoid(RM score) x100, pairwise accuracy x100, empty."""
+    def stats(rs):
+        return {"n": len(rs),
+                "bleu": 100 * sum(r["bleu"] for r in rs) / len(rs),
+                "reward": 100 * sum(0.5 + 0.5 * math.tanh(r["reward"] / 2) for r in rs) / len(rs),   # sigmoid
+                "pair_acc": 100 * sum(r["pairs_correct"] for r in rs) / sum(r["pairs"] for r in rs),
+                "empty": sum(r["generation"] == "" for r in rs)}
+    results = {subset: stats([r for r in records if r["subset"] == subset]) for subset in subsets}
+    results["Total"] = stats(records)                                 # the mean over all samples, not over subsets
+    return results
+
+
+def format_table(runs):
+    """[(name, results)] -> Markdown: Table 2's BLEU / Reward pair per subset, then the sizes, pairwise accuracy
+    and empty generations of each run."""
+    subsets = list(dict.fromkeys(s for _, res in runs for s in res if s != "Total")) + ["Total"]
+    cell = lambda res, s, key: f"{res[s][key]:.2f}" if s in res else "-"
+    head = ["Method"] + [f"{s} {m}" for s in subsets for m in ("BLEU", "Reward")]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    lines += ["| " + " | ".join([name] + [cell(res, s, k) for s in subsets for k in ("bleu", "reward")]) + " |"
+              for name, res in runs]
+    lines += ["", "| Method | subset | n | pairwise accuracy | empty generations |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {s} | {res[s]['n']} | {res[s]['pair_acc']:.2f} | {res[s]['empty']} |"
+              for name, res in runs for s in subsets if s in res]
+    return "\n".join(lines) + "\n"
+
+
+# ---- the protocol ----------------------------------------------------------------------------------------------
+
+def read_test_files(paths):
+    """Samples of all files in order; the subset of a sample is its "subset" field, else its file's name."""
+    samples = []
+    for path in paths:
+        stem = os.path.basename(path).split(".")[0]
+        samples += [{**s, "subset": s.get("subset") or stem} for s in read_samples(path)]
+    repeated = [i for i, n in Counter(s["id"] for s in samples).items() if n > 1]
+    if repeated:
+        raise ValueError(f"--data: {len(repeated)} sample ids occur in more than one file, e.g. {repeated[0]!r}")
+    return samples
+
+
+def run_share(todo, model, reward_model, part, batch_size, max_new_tokens, max_prompt_len, progress):
+    """Generate, score and append one flushed record per prompt of `todo`, batch by batch as each finishes."""
+    import rescore
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+    policy.generation_config = GenerationConfig()                     # plain greedy, whatever the checkpoint ships
+    rm, rm_tokenizer, format_fn = rescore.load_reward_model(reward_model, device=device, dtype=dtype)
+    with open(part, "a", encoding="utf-8") as f:
+        for idx, texts in generate_batches(policy, tokenizer, [s["prompt"] for s in todo], max_new_tokens,
+                                           max_prompt_len, batch_size, progress):
+            chunk = [todo[i] for i in idx]
+            rewards = rescore.score(rm, rm_tokenizer, format_fn, [s["prompt"] for s in chunk], texts, batch_size)
+            # teacher forcing within the generation's budget: 384 + 128 = the 512-token block of training
+            hits = pair_counts(policy, tokenizer, chunk, batch_size, max_prompt_len + max_new_tokens, max_prompt_len)
+            for s, text, reward, correct in zip(chunk, texts, rewards, hits):
+                reference, K = s["responses"][0].strip(), len(s["responses"])
+                f.write(json.dumps({"id": s["id"], "subset": s["subset"], "prompt": s["prompt"], "generation": text,
+                                    "reference": reference, "reward": reward, "bleu": sentence_bleu(text, reference),
+                                    "pairs_correct": correct, "pairs": K * (K - 1) // 2}, ensure_ascii=False) + "\n")
+                f.flush()
+
+
+def evaluate(model, reward_model, data, out, batch_size=8, max_new_tokens=128, max_prompt_len=384, progress=False):
+    """The whole protocol: `model` and `reward_model` are checkpoints (folders or hub ids), `data` sample files.
+
+    Every torchrun rank calls it (a process group is needed only for barriers); rank 0 merges the ranks' records
+    and returns the results (see summarize), the other ranks return None. A rerun with the same `out` resumes.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+
+    # data, and what an earlier run in `out` already did
+    samples = read_test_files(data)
+    where = lambda p: os.path.abspath(p) if os.path.exists(p) else p   # a folder, or a hub id
+    settings = {"model": where(model), "reward_model": where(reward_model), "data": [where(p) for p in data],
+                "max_new_tokens": max_new_tokens, "max_prompt_len": max_prompt_len}
+    settings_path, part_dir = os.path.join(out, "settings.json"), os.path.join(out, "parts")
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            old = json.load(f)
+        changed = [k for k in settings if old.get(k) != settings[k]]
+        if changed:
+            raise ValueError(f"{out} holds a run with other {changed}: pass a new --out to evaluate these settings")
+    os.makedirs(part_dir, exist_ok=True)
+    my_part = os.path.join(part_dir, f"rank{rank}.jsonl")
+    if os.path.exists(my_part):                                       # cut an unfinished line before appending
+        os.truncate(my_part, len(finished_bytes(my_part)))            # (each rank cuts only its own file)
+    barrier()
+    done = read_parts(part_dir)
+    stale = [s["id"] for s in samples if s["id"] in done and done[s["id"]]["prompt"] != s["prompt"]]
+    if stale:
+        raise ValueError(f"{part_dir} holds generations for other prompts (e.g. {stale[0]!r}): use a new --out")
+    todo = [s for i, s in enumerate(samples) if i % world == rank and s["id"] not in done]
+    barrier()                                                         # every rank has read before any appends
+    if rank == 0:
+        with open(settings_path, "w") as f:
+            json.dump(settings, f, indent=1)
+
+    # this rank's share: a full copy of the policy and the reward model, loaded only if work is left
+    if todo:
+        run_share(todo, model, reward_model, my_part, batch_size, max_new_tokens, max_prompt_len,
+                  progress and rank == 0)
+    barrier()
+    if rank != 0:
+        return None
+
+    # merge the parts in input order, and write the results
+    found = read_parts(part_dir)
+    records = [found[s["id"]] for s in samples]
+    write_jsonl(os.path.join(out, "generations.jsonl"), records)
+    results = summarize(records, list(dict.fromkeys(s["subset"] for s in samples)))
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(format_table([(os.path.basename(os.path.normpath(out)), results)]))
+    return results
+
+
+def main():
+    defaults = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()}  # each default written once
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="policy checkpoint: folder or hub id with model and tokenizer")
+    parser.add_argument("--reward-model", help="reward model, loaded by rescore.py (e.g. "
+                        "OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1, the paper's RM_eval)")
+    parser.add_argument("--data", nargs="+", help="test sample files, one per subset")
+    parser.add_argument("--out", help="output folder; an existing one is resumed")
+    for name in ("batch_size", "max_new_tokens", "max_prompt_len"):     # prompts per batch, tokens, tokens
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
+    parser.add_argument("--compare", nargs="+", metavar="DIR", help="print these finished runs side by side")
+    args = parser.parse_args()
+
+    # check the arguments
+    if args.compare:
+        missing = [d for d in args.compare if not os.path.exists(os.path.join(d, "results.json"))]
+        if missing:
+            parser.error(f"--compare: {missing[0]} has no results.json (run evaluate.py with --out {missing[0]})")
+        runs = []
+        for d in args.compare:
+            with open(os.path.join(d, "results.json")) as f:
+                runs.append((os.path.normpath(d), json.load(f)))
+        print(format_table(runs), end="")
+        return
+    missing = [f"--{k.replace('_', '-')}" for k in ("model", "reward_model", "data", "out") if not getattr(args, k)]
+    if missing:
+        parser.error(f"{', '.join(missing)} required (or --compare DIR...)")
+    for path in args.data:
+        if not os.path.exists(path):
+            parser.error(f"--data: {path} does not exist")
+    for flag, path in (("--model", args.model), ("--reward-model", args.reward_model)):
+        if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+            parser.error(f"{flag} {path}: no such folder, and not a hub id (owner/name)")
+    if args.batch_size < 1 or args.max_new_tokens < 2 or args.max_prompt_len < 1:
+        parser.error("--batch-size and --max-prompt-len must be >= 1, --max-new-tokens >= 2")
+
+    # distributed: torchrun sets RANK; a plain `python evaluate.py` runs the same code as a world of one.
+    # The group only holds barriers, so gloo serves GPUs too, with a timeout long enough for the slowest rank.
+    if "RANK" in os.environ:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("gloo", timeout=timedelta(hours=48))
+    try:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(json.dumps(vars(args)))
+        results = evaluate(args.model, args.reward_model, args.data, args.out, args.batch_size,
+                           args.max_new_tokens, args.max_prompt_len, progress=True)
+        if results is not None:
+            with open(os.path.join(args.out, "table.md")) as f:
+                print(f.read(), end="")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""Reward rescoring (Sec. 2.1): score every candidate with a reward model, re-rank best first; and Eq. 1.
+
+    python rescore.py --reward-model OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5 \\
+        --data data/hh2/train.jsonl --out data/hh2/train.rescored.jsonl     # --keep-human-order: "w/o Rescore"
+    torchrun --nproc_per_node 8 rescore.py ...                                 # the same, each rank scores 1/8
+    python rescore.py --train-reward-model --base BASE_CHECKPOINT --data TRAIN.jsonl [--dev DEV.jsonl] --out rm/
+
+Scoring prints its config, a progress bar, then the noise statistics of Fig. 1: the share of pairs where the
+reward model disagrees with the human order, the share of pairs within --reward-gap of each other (Eq. 5's
+k = 1: the loss ignores them), the share of prompts whose SFT target has reward <= 0 (Eq. 7's SFT term is off),
+and the reward distribution. Training (Eq. 1) prints the loss every 50 steps and the held-out pairwise accuracy.
+
+The paper's reward models are OpenAssistant's GPT-NeoX models (model type `gpt_neox_reward_model`), which
+stock transformers cannot load; importing this module registers them with the Auto classes. Each reward
+model sees its input as it was trained: OpenAssistant's role tokens for those, the tokenizer's chat template
+for others that have one, else BOS + prompt + " " + response + EOS (also what --train-reward-model trains on).
+Scoring is resumable: finished samples are appended to OUT.part<rank>, and a rerun skips them.
+"""
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, GPTNeoXConfig,
+                          GPTNeoXModel, GPTNeoXPreTrainedModel)
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from data import read_samples, write_jsonl
+
+# ---- the OpenAssistant reward models -------------------------------------------------------------------------
+
+class GPTNeoXRewardConfig(GPTNeoXConfig):
+    model_type = "gpt_neox_reward_model"
+    pooling: str = "last"                    # the hidden state of the last attended token goes to the head
+
+
+class GPTNeoXRewardModel(GPTNeoXPreTrainedModel):
+    """GPT-NeoX and a linear head on one pooled hidden state, with the weight names of OpenAssistant's checkpoints."""
+    config_class = GPTNeoXRewardConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.pooling != "last":   # OpenAssistant also trained "mean"; the paper's two models use "last"
+            raise ValueError(f"pooling {config.pooling!r} is not supported: only 'last'")
+        self.gpt_neox = GPTNeoXModel(config)
+        self.out_proj = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        hidden = self.gpt_neox(input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # [N, T, H]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)             # [N, T]
+        last = mask.long().cumsum(1).argmax(1)     # [N] where the count of attended tokens first peaks: the last one
+        pooled = hidden[torch.arange(len(hidden), device=hidden.device), last]                       # [N, H]
+        return SequenceClassifierOutput(logits=self.out_proj(pooled))                                # [N, 1]
+
+
+# exist_ok: `python rescore.py` runs this file as __main__, and a module it imports may import `rescore` again
+AutoConfig.register("gpt_neox_reward_model", GPTNeoXRewardConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(GPTNeoXRewardConfig, GPTNeoXRewardModel, exist_ok=True)
+
+# ---- input formats -------------------------------------------------------------------------------------------
+
+def dialogue_turns(prompt):
+    """'\\n\\nHuman: Q1\\n\\nAssistant: A1 ... \\n\\nAssistant:' -> [("Human", "Q1"), ("Assistant", "A1"), ...]."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)            # ['', 'Human', ' Q1', 'Assistant', ' A1', ...]
+    if parts[0].strip() or len(parts) < 5 or parts[-2] != "Assistant" or parts[-1].strip():
+        raise ValueError(f"not an HH-RLHF prompt ('\\n\\nHuman: ... \\n\\nAssistant:'): {prompt[:80]!r}")
+    return [(role, text.strip()) for role, text in zip(parts[1:-2:2], parts[2:-2:2])]
+
+
+def format_for(config, tokenizer):
+    """The text a reward model was trained on, as a function (prompt, response) -> str; chosen from its config."""
+    eos = tokenizer.eos_token or ""
+    turns = lambda prompt, response: dialogue_turns(prompt) + [("Assistant", response.strip())]
+    if config.model_type == "gpt_neox_reward_model":    # OpenAssistant: each turn is role token + text + EOS
+        roles = {"Human": "<|prompter|>", "Assistant": "<|assistant|>"}
+        return lambda prompt, response: "".join(roles[r] + text + eos for r, text in turns(prompt, response))
+    if tokenizer.chat_template:
+        roles = {"Human": "user", "Assistant": "assistant"}
+        return lambda prompt, response: tokenizer.apply_chat_template(
+            [{"role": roles[r], "content": text} for r, text in turns(prompt, response)], tokenize=False)
+    bos = tokenizer.bos_token or ""
+    return lambda prompt, response: bos + prompt + " " + response.strip() + eos
+
+
+def encode(tokenizer, texts, max_length):
+    """Token ids of each text, cut from the LEFT to `max_length`: the response, which is what is scored, survives.
+    The format string holds any special tokens already, so the tokenizer adds none."""
+    return [ids[-max_length:] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+# ---- scoring -------------------------------------------------------------------------------------------------
+
+def load_reward_model(path, device="cpu", dtype=None):
+    """-> (model, tokenizer, format_fn) for any AutoModelForSequenceClassification with one output.
+    bf16 on CUDA, fp32 otherwise (OpenAssistant's configs say float16, which CPUs run slowly and poorly)."""
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    set_padding(model, tokenizer)
+    return model, tokenizer, format_for(model.config, tokenizer)
+
+
+def set_padding(model, tokenizer):
+    """Make sure the model's pooling finds the last real token of a right-padded row (see `reward_forward`)."""
+    oa = model.config.model_type == "gpt_neox_reward_model"   # one output, pooled by the attention mask
+    if not oa and model.config.num_labels != 1:
+        raise ValueError(f"the reward model has {model.config.num_labels} outputs (num_labels); a reward model has one")
+    if tokenizer.pad_token is None:     # many causal LMs ship without one; with right padding EOS is safe
+        print(f"the tokenizer has no pad token: padding with EOS {tokenizer.eos_token!r}")
+        tokenizer.pad_token = tokenizer.eos_token
+    if oa:
+        return
+    # transformers' *ForSequenceClassification pool the rightmost token that is not config.pad_token_id
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    elif model.config.pad_token_id != tokenizer.pad_token_id:
+        raise ValueError(f"the model pools by pad_token_id {model.config.pad_token_id} but the tokenizer pads with "
+                         f"{tokenizer.pad_token_id}: fix pad_token_id in the model's config.json")
+
+
+def reward_forward(model, ids, pad_id):
+    """One reward per token list, [N] float32. Rows are padded on the RIGHT: GPT-NeoX and LLaMA number positions
+    from 0 whatever the mask, so on the right every real token keeps the position it had in training (left
+    padding would shift them all, harmless for rotary embeddings only up to rounding, wrong for absolute ones);
+    causal attention keeps the padding out of the real tokens, and both poolings (last attended token; rightmost
+    token that is not pad) land on the last real token."""
+    T = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)                                  # [N, T]
+    attention_mask = torch.zeros(len(ids), T, dtype=torch.long)                                      # [N, T]
+    for n, x in enumerate(ids):
+        input_ids[n, :len(x)], attention_mask[n, :len(x)] = torch.tensor(x), 1
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # [N, 1]
+    if logits.shape[-1] != 1:
+        raise ValueError(f"the reward model gives {logits.shape[-1]} outputs per sequence; a reward model gives one")
+    return logits[:, 0].float()
+
+
+@torch.inference_mode()
+def score(model, tokenizer, format_fn, prompts, responses, batch_size=16, max_length=1024, progress=False):
+    """One scalar reward per (prompt, response). Each batch holds rows of similar length, so little is padding."""
+    ids = encode(tokenizer, [format_fn(p, r) for p, r in zip(prompts, responses)], max_length)
+    order = sorted(range(len(ids)), key=lambda n: -len(ids[n]))    # longest first: out of memory shows at once
+    rewards = [0.0] * len(ids)
+    for start in tqdm(range(0, len(ids), batch_size), desc="scoring", disable=not progress):
+        rows = order[start:start + batch_size]
+        for n, r in zip(rows, reward_forward(model, [ids[n] for n in rows], tokenizer.pad_token_id).tolist()):
+            rewards[n] = r
+    return rewards
+
+
+def rerank(sample, rewards, keep_human_order=False):
+    """The sample with its rewards, responses re-sorted best first and the top one the SFT target, as the authors
+    do; keep_human_order ("w/o Rescore"): order and sft_index as they were."""
+    if keep_human_order:
+        return {**sample, "rewards": rewards}
+    order = sorted(range(len(rewards)), key=lambda k: -rewards[k])    # stable: equal rewards keep the human order
+    return {**sample, "responses": [sample["responses"][k] for k in order],
+            "rewards": [rewards[k] for k in order], "sft_index": 0}
+
+
+def noise_stats(human_rewards, sft_rewards, reward_gap):
+    """Fig. 1's noise, from each sample's rewards in input (human) order and the reward of each SFT target."""
+    # float32, as in the training batches, so within_gap counts exactly the pairs clha_loss will drop
+    pairs = torch.tensor([(r[i], r[j]) for r in human_rewards for i in range(len(r)) for j in range(i + 1, len(r))])
+    rewards = torch.tensor([x for r in human_rewards for x in r], dtype=torch.float64)
+    quartiles = torch.quantile(rewards, torch.tensor([0, 0.25, 0.5, 0.75, 1], dtype=torch.float64)).tolist()
+    return {"samples": len(human_rewards), "pairs": len(pairs),
+            "disagree": (pairs[:, 0] < pairs[:, 1]).float().mean().item(),     # the RM prefers the human-rejected one
+            "within_gap": ((pairs[:, 0] - pairs[:, 1]).abs() <= reward_gap).float().mean().item(),   # Eq. 5's k = 1
+            "sft_off": sum(r <= 0 for r in sft_rewards) / len(sft_rewards),   # Eq. 7's lambda = 1
+            **dict(zip(("min", "q1", "median", "q3", "max"), quartiles)), "mean": rewards.mean().item()}
+
+
+def read_part(path):
+    """({id: rewards}, byte length of the finished lines) of a part file. A crash mid-write leaves at most one
+    unfinished last line (no newline yet): it is ignored. A broken line before it is an error."""
+    with open(path, "rb") as f:
+        finished = f.read()
+    finished = finished[:finished.rfind(b"\n") + 1]
+    results = {}
+    for line_no, line in enumerate(finished.decode("utf-8").splitlines(), 1):
+        try:
+            obj = json.loads(line)
+            results.setdefault(obj["id"], obj["rewards"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{line_no}: broken line; delete the file to rescore its samples") from None
+    return results, len(finished)
+
+
+def read_parts(out, samples):
+    """{id: rewards} of the samples finished by any rank of this run or an earlier one."""
+    K = {s["id"]: len(s["responses"]) for s in samples}
+    done = {}
+    for path in sorted(glob.glob(glob.escape(out) + ".part*")):
+        for id_, rewards in read_part(path)[0].items():
+            if K.get(id_) != len(rewards):
+                raise ValueError(f"{path}: id {id_!r} with {len(rewards)} rewards is not in the input; "
+                                 "the part files are left from another data file: delete them")
+            done.setdefault(id_, rewards)
+    return done
+
+
+def rescore_file(reward_model, data, out, keep_human_order=False, batch_size=16, reward_gap=3.0, max_length=1024):
+    """Score every response of `data`, write `out` (rewards, re-ranked), print and return the noise statistics.
+    Under torchrun, rank r scores the samples i with i % world == r into out.part<r>; once all are done, rank 0
+    writes `out` in input order and returns the statistics (the other ranks return None)."""
+    if not os.path.exists(data):
+        raise FileNotFoundError(f"{data} does not exist")
+    samples = read_samples(data)
+    if not samples:
+        raise ValueError(f"{data} holds no samples")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:   # for barriers only, so gloo suffices even on GPUs; a rank may wait hours for the slowest
+        dist.init_process_group("gloo", timeout=timedelta(hours=48))
+    try:
+        # score this rank's unfinished share a chunk at a time: enough rows for length-sorted batches
+        share = [s for i, s in enumerate(samples) if i % world == rank]
+        todo = [s for s in share if s["id"] not in read_parts(out, samples)]
+        if todo:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+            model, tokenizer, format_fn = load_reward_model(reward_model, device)
+            part = f"{out}.part{rank}"
+            if os.path.exists(part):     # cut an unfinished last line before appending after it
+                os.truncate(part, read_part(part)[1])
+            chunk = max(1, batch_size * 16 // len(todo[0]["responses"]))
+            with open(part, "a", encoding="utf-8") as f, tqdm(total=len(share), initial=len(share) - len(todo),
+                                                              desc=f"rescoring {data}", disable=rank != 0) as bar:
+                for start in range(0, len(todo), chunk):
+                    batch = todo[start:start + chunk]
+                    pairs = [(s["prompt"], r) for s in batch for r in s["responses"]]
+                    rewards = iter(score(model, tokenizer, format_fn, *zip(*pairs), batch_size, max_length))
+                    for s in batch:
+                        f.write(json.dumps({"id": s["id"], "rewards": [next(rewards) for _ in s["responses"]]}) + "\n")
+                        f.flush()        # a crash loses at most the line being written
+                    bar.update(len(batch))
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            return None
+
+        # merge: one output in input order, written atomically; then the part files go
+        done = read_parts(out, samples)
+        missing = [s["id"] for s in samples if s["id"] not in done]
+        if missing:
+            raise RuntimeError(f"{len(missing)} samples were not scored, e.g. {missing[0]!r}; rerun to finish them")
+        rescored = [rerank(s, done[s["id"]], keep_human_order) for s in samples]
+        write_jsonl(out, rescored)
+        for path in glob.glob(glob.escape(out) + ".part*"):
+            os.remove(path)
+        stats = noise_stats([done[s["id"]] for s in samples], [s["rewards"][s["sft_index"]] for s in rescored],
+                            reward_gap)
+        print(f"wrote {out}: {stats['samples']} samples, {stats['pairs']} pairs\n"
+              f"  reward model disagrees with the human order: {stats['disagree']:.1%} of pairs\n"
+              f"  within reward_gap {reward_gap} (ignored by Eq. 5): {stats['within_gap']:.1%} of pairs\n"
+              f"  SFT target with reward <= 0 (Eq. 7's SFT term off): {stats['sft_off']:.1%} of samples\n"
+              "  rewards: " + "  ".join(f"{k} {stats[k]:.3f}" for k in ("min", "q1", "median", "q3", "max", "mean")))
+        return stats
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+# ---- training a reward model (Eq. 1) ---------------------------------------------------------------------------
+
+def rm_loss(chosen_rewards, rejected_rewards):
+    """Eq. 1, L_RM = -log sigmoid(r(x, y_c) - r(x, y_r)), mean over pairs; logsigmoid cannot overflow."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()           # Eq. (1)
+
+
+def preference_pairs(samples):
+    """(x, y_c, y_r) for every pair i < j of each sample, in the file's order: responses[i] is preferred."""
+    return [(s["prompt"], s["responses"][i], s["responses"][j])
+            for s in samples for i in range(len(s["responses"])) for j in range(i + 1, len(s["responses"]))]
+
+
+def pairwise_accuracy(model, tokenizer, format_fn, pairs, batch_size=16, max_length=1024):
+    """Share of pairs whose preferred response gets the higher reward."""
+    prompts, chosen, rejected = zip(*pairs)
+    r_c = score(model, tokenizer, format_fn, prompts, chosen, batch_size, max_length)
+    r_r = score(model, tokenizer, format_fn, prompts, rejected, batch_size, max_length)
+    return sum(c > r for c, r in zip(r_c, r_r)) / len(pairs)
+
+
+def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size=16, max_length=1024, seed=0):
+    """Eq. 1 on the human-order pairs of `train`, from the HF checkpoint `base`; saved to `out` in HF format.
+    batch_size counts sequences per forward as in scoring, so a step trains on batch_size // 2 pairs.
+    Returns the pairwise accuracy on `dev`, or on a held-out 10% of `train` when no dev file is given."""
+    torch.manual_seed(seed)
+    samples = read_samples(train)
+    if dev:
+        dev_samples = read_samples(dev)
+    else:
+        random.Random(seed).shuffle(samples)
+        n_dev = max(1, len(samples) // 10)
+        samples, dev_samples = samples[n_dev:], samples[:n_dev]
+    pairs, dev_pairs = preference_pairs(samples), preference_pairs(dev_samples)
+    print(f"{len(pairs)} training pairs, {len(dev_pairs)} held-out pairs ({dev or f'10% of {train}'})")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    set_padding(model, tokenizer)
+    format_fn = format_for(model.config, tokenizer)     # the scorer rebuilds the same one from the saved model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    n_pairs, g = max(1, batch_size // 2), torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(pairs), generator=g).tolist()
+        for step, start in enumerate(range(0, len(pairs), n_pairs)):
+            batch = [pairs[n] for n in order[start:start + n_pairs]]
+            # chosen and rejected go through one forward: one padded batch instead of two
+            texts = [format_fn(x, y_c) for x, y_c, _ in batch] + [format_fn(x, y_r) for x, _, y_r in batch]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                rewards = reward_forward(model, encode(tokenizer, texts, max_length), tokenizer.pad_token_id)  # [2P]
+            loss = rm_loss(rewards[:len(batch)], rewards[len(batch):])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % 50 == 0:
+                print(f"epoch {epoch} step {step}: loss {loss.item():.4f}")
+        model.eval()
+        accuracy = pairwise_accuracy(model, tokenizer, format_fn, dev_pairs, batch_size, max_length)
+        print(f"epoch {epoch}: held-out pairwise accuracy {accuracy:.3f} on {len(dev_pairs)} pairs")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"saved the reward model to {out}")
+    return accuracy
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    reward_model: str = arg("", "path or hub id, e.g. OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5")
+    data: str = arg("", "input samples, in data.py's format or the authors'")
+    out: str = arg("", "output sample file; with --train-reward-model, the folder for the model")
+    keep_human_order: bool = arg(False, "keep the human order and sft_index ('w/o Rescore')")
+    batch_size: int = arg(16, "sequences per forward")
+    max_length: int = arg(1024, "tokens per sequence, cut from the left")
+    reward_gap: float = arg(3.0, "pairs at most this far apart count as ties in the statistics (Eq. 5's k)")
+    train_reward_model: bool = arg(False, "train a reward model with Eq. 1 on --data instead of scoring")
+    base: str = arg("", "--train-reward-model: the HF checkpoint to start from")
+    dev: str = arg("", "--train-reward-model: held-out samples (default: 10%% of --data)")
+    epochs: int = arg(1, "--train-reward-model: passes over the pairs")
+    lr: float = arg(1e-5, "--train-reward-model: AdamW learning rate")
+    seed: int = arg(0, "--train-reward-model: seed of the order and the held-out split")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=help)
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=help)
+    cfg = Config(**vars(parser.parse_args()))
+    for name in ("base", "data", "out") if cfg.train_reward_model else ("reward_model", "data", "out"):
+        if not getattr(cfg, name):
+            parser.error(f"--{name.replace('_', '-')} is required")
+    for path in (cfg.data, cfg.dev):
+        if path and not os.path.exists(path):
+            parser.error(f"{path} does not exist")
+    if cfg.batch_size < (2 if cfg.train_reward_model else 1) or cfg.max_length < 1 or cfg.reward_gap < 0:
+        parser.error("--batch-size must be >= 1 (>= 2 to train), --max-length >= 1, --reward-gap >= 0")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(cfg)
+    if cfg.train_reward_model:
+        train_reward_model(cfg.data, cfg.out, cfg.base, cfg.dev or None, cfg.epochs, cfg.lr, cfg.batch_size,
+                           cfg.max_length, cfg.seed)
+    else:
+        rescore_file(cfg.reward_model, cfg.data, cfg.out, cfg.keep_human_order, cfg.batch_size, cfg.reward_gap,
+                     cfg.max_length)
+
+
+if __name__ == "__main__":
+    main()
