@@ -1,0 +1,174 @@
+"""The built-in demo: the whole CLHA pipeline on a laptop CPU, offline, on templated data with known quality.
+
+    python train.py                         # (= python demo.py) data, reward model, rescoring, CLHA, evaluation
+    python demo.py --ablations --seeds 0 1 2    # a mini Table 3: CLHA and its ablations, and PRO, on the same data
+
+Every stage writes its output under --out (default demo/) and is skipped when that output exists, so a second
+run only prints the tables. The data (data.make_demo_data) are replies of known quality to templated requests:
+helpful (or a refusal of a harmful request), evasive, or rude (or harmful compliance). A quarter of the training
+labels are flipped and some pairs are two replies of equal quality, the kind of noise CLHA's rescoring is for.
+The test pairs are clean, so the policy's pairwise accuracy on them is ground-truth accuracy.
+
+Stages: (1) data and a SentencePiece tokenizer; (2) a tiny random-init LLaMA, the policy to align; (3) a reward
+model trained with Eq. 1 on the noisy labels, then used to rescore the training data; (4) CLHA training with
+train.py; (5) evaluate.py on the held-out prompts, before and after, plus the ground-truth quality of the replies.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+import data
+import evaluate
+import rescore
+import train
+
+# The policy and reward model: LLaMA's architecture at a size that trains in a minute on two CPU cores.
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+# Paper defaults, except what a 1M-parameter model from scratch needs: a higher learning rate, more data per
+# step, shorter sequences, float32 (CPUs without bf16 units run bf16 ~15x slower), and a reward gap in this
+# reward model's units. Eq. 1 only learns reward differences,
+# and with a quarter of the labels flipped the best it can say of a better reply is about log(3) ~ 1.1 higher,
+# so 0.5 separates replies of different quality from the equal-quality pairs (the paper's 3.0 suits the
+# OpenAssistant reward model's scale).
+TRAIN = ["--lr", "1e-3", "--epochs", "2", "--batch-size", "8", "--global-batch", "16", "--max-len", "96",
+         "--max-prompt-len", "64", "--reward-gap", "0.5", "--log-every", "50", "--eval-every", "200",
+         "--save-every", "100000", "--no-activation-checkpointing", "--dtype", "float32"]
+VARIANTS = {   # Table 3's rows, and PRO (Eq. 2) as the baseline
+    "CLHA": ("train.rm.jsonl", []),
+    "CLHA w/o Rescore": ("train.human.jsonl", ["--no-rescore"]),
+    "CLHA w/o L_clha": ("train.rm.jsonl", ["--loss", "sft"]),
+    "CLHA w/o xi_adjust": ("train.rm.jsonl", ["--margin", "0"]),
+    "PRO": ("train.rm.jsonl", ["--loss", "pro"]),
+}
+
+
+def stage(message):
+    print(f"\n==== {message}", flush=True)
+
+
+def prepare(out, n_train, n_test, seed=0):
+    """Stages 1-3, each cached: samples, tokenizer, base policy, reward model, rescored training files."""
+    if not os.path.exists(os.path.join(out, "test.jsonl")):
+        stage(f"1. demo data: {n_train} training pairs (25% of labels flipped), {n_test} clean test pairs")
+        raw = data.make_demo_data(os.path.join(out, "raw"), n_train=n_train, n_test=n_test, seed=seed)
+        train_samples, _ = data.read_hh_rlhf(raw["train"], "demo", "train")
+        test_samples, _ = data.read_hh_rlhf(raw["test"], "demo", "test")
+        data.write_jsonl(os.path.join(out, "train.jsonl"), train_samples)
+        data.write_jsonl(os.path.join(out, "dev.jsonl"), test_samples[:n_test // 4])
+        data.write_jsonl(os.path.join(out, "test.jsonl"), test_samples[n_test // 4:])
+    base, rm_base, rm = (os.path.join(out, name) for name in ("base", "rm_base", "rm"))
+    if not os.path.exists(os.path.join(base, "config.json")):
+        stage("2. a SentencePiece tokenizer and a random-init LLaMA policy (and reward model backbone)")
+        texts = [s["prompt"] + " " + r for s in data.read_samples(os.path.join(out, "train.jsonl"))
+                 for r in s["responses"]]
+        tokenizer = data.train_tokenizer(texts, base, vocab_size=1000)
+        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=3, **TINY)
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(base)
+        LlamaForSequenceClassification(LlamaConfig(**config.to_dict(), num_labels=1)).save_pretrained(rm_base)
+        tokenizer.save_pretrained(rm_base)
+        print(f"policy: {sum(p.numel() for p in LlamaForCausalLM(config).parameters()) / 1e6:.2f}M parameters")
+    if not os.path.exists(os.path.join(rm, "config.json")):
+        stage("3a. reward model: Eq. 1 on the noisy human labels")
+        rescore.train_reward_model(os.path.join(out, "train.jsonl"), rm, rm_base, dev=os.path.join(out, "dev.jsonl"),
+                                   epochs=2, lr=1e-3, batch_size=32, max_length=128, seed=seed)
+    for name, keep_human_order in (("train.rm.jsonl", False), ("train.human.jsonl", True), ("dev.rm.jsonl", False)):
+        path = os.path.join(out, name)
+        if not os.path.exists(path):
+            stage(f"3b. rescoring {name.split('.')[0]} with the reward model"
+                  + (" (human order kept, for 'w/o Rescore')" if keep_human_order else ""))
+            rescore.rescore_file(rm, os.path.join(out, name.split(".")[0] + ".jsonl"), path, keep_human_order,
+                                 batch_size=64, reward_gap=0.5, max_length=128)
+            center_rewards(path)
+    return base, rm
+
+
+def center_rewards(path):
+    """Eq. 1 fixes rewards only up to a constant, but the SFT gate asks "reward > 0": shift them so that 0 is
+    the mean reward of the file's responses, i.e. "better than the average candidate". (The paper's
+    OpenAssistant reward model has a zero point of its own.)"""
+    samples = data.read_samples(path)
+    mean = sum(sum(s["rewards"]) for s in samples) / sum(len(s["rewards"]) for s in samples)
+    data.write_jsonl(path, [dict(s, rewards=[r - mean for r in s["rewards"]]) for s in samples])
+
+
+def train_policy(out, base, name, train_file, flags, seed):
+    run = os.path.join(out, "runs", f"{name.replace(' ', '_').replace('/', '')}_seed{seed}")
+    if not os.path.exists(os.path.join(run, "final", "config.json")):
+        stage(f"4. training {name} (seed {seed}) with train.py")
+        shutil.rmtree(run, ignore_errors=True)                    # a run killed before its end
+        train.main(["--model", base, "--train", os.path.join(out, train_file), "--dev",
+                    os.path.join(out, "dev.rm.jsonl"), "--out", run, "--seed", str(seed), *TRAIN, *flags])
+    return os.path.join(run, "final")
+
+
+def evaluate_policy(out, model, rm, name):
+    """evaluate.py's protocol on the clean test prompts, plus the ground-truth quality of the replies."""
+    folder = os.path.join(out, "eval", name.replace(" ", "_").replace("/", ""))
+    if not os.path.exists(os.path.join(folder, "results.json")):
+        stage(f"5. evaluating {name} with evaluate.py")
+        evaluate.evaluate(model, rm, [os.path.join(out, "test.jsonl")], folder, batch_size=32, max_new_tokens=48,
+                          max_prompt_len=64)
+    with open(os.path.join(folder, "results.json")) as f:
+        total = json.load(f)["Total"]
+    with open(os.path.join(folder, "generations.jsonl")) as f:
+        quality = [data.demo_quality(r["prompt"], r["generation"]) for r in map(json.loads, f)]
+    return {"GT pair acc": total["pair_acc"], "Reward": total["reward"], "BLEU": total["bleu"],
+            "good replies %": 100 * quality.count(2) / len(quality),
+            "harmful/rude %": 100 * quality.count(0) / len(quality),
+            "off-template %": 100 * quality.count(None) / len(quality)}
+
+
+def table(rows):
+    keys = list(next(iter(rows.values())))
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(v if isinstance(v, str) else f"{v:.1f}" for v in row.values()) + " |"
+              for name, row in rows.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="demo", help="folder for every stage's output (reused when rerun)")
+    parser.add_argument("--n-train", type=int, default=3000, help="training pairs")
+    parser.add_argument("--n-test", type=int, default=400, help="clean pairs: a quarter for dev, the rest test")
+    parser.add_argument("--ablations", action="store_true", help="train and compare Table 3's variants and PRO")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (data order)")
+    args = parser.parse_args(argv)
+    start = time.time()
+    base, rm = prepare(args.out, args.n_train, args.n_test)
+
+    if not args.ablations:
+        final = train_policy(args.out, base, "CLHA", *VARIANTS["CLHA"], seed=args.seeds[0])
+        rows = {"random-init policy (before)": evaluate_policy(args.out, base, rm, "base"),
+                "CLHA (after)": evaluate_policy(args.out, final, rm, "CLHA")}
+        stage(f"done in {time.time() - start:.0f} s. Held-out prompts ({args.n_test - args.n_test // 4}):")
+        print(table(rows))
+        return rows
+
+    per_seed = {name: [] for name in VARIANTS}
+    for seed in args.seeds:
+        for name, (train_file, flags) in VARIANTS.items():
+            final = train_policy(args.out, base, name, train_file, flags, seed)
+            per_seed[name].append(evaluate_policy(args.out, final, rm, f"{name}_seed{seed}"))
+    rows = {}
+    for name, results in per_seed.items():   # mean +- standard deviation over the seeds
+        rows[name] = {}
+        for key in results[0]:
+            values = torch.tensor([r[key] for r in results])
+            spread = f" ± {values.std().item():.1f}" if len(values) > 1 else ""
+            rows[name][key] = f"{values.mean().item():.1f}{spread}"
+    stage(f"done in {time.time() - start:.0f} s. Held-out prompts, seeds {args.seeds} (mean ± std):")
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
