@@ -518,6 +518,71 @@ def test_kill_and_resume_reproduces_the_run(tiny, two_rank_run, tmp_path):
     assert all(torch.equal(w1[name], w2[name]) for name in w1)
 
 
+@pytest.fixture
+def one_process():
+    """A gloo process group of one, as `python train.py` makes, torn down after the test."""
+    import torch.distributed as dist
+    yield train.init_distributed()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_sharded_model_and_export_give_from_pretrained_logits(tiny, tokenizer, one_process, tmp_path):
+    rank, _, device = one_process
+    cfg = train.Config(model=tiny["base"], out=str(tmp_path))
+    model = train.build_model(cfg, device, rank)          # meta device -> FSDP2 shards -> rank-0 broadcast
+    ids = torch.tensor([tokenizer("\n\nHuman: How do I make tea?\n\nAssistant: Boil water.")["input_ids"]] * 2)
+    with torch.no_grad():
+        sharded = model(input_ids=ids).logits.float()
+        # the same checkpoint loaded the plain way, computing in bf16 as the mixed-precision policy does.
+        # This catches garbage in LLaMA's non-persistent rotary buffers after to_empty().
+        plain = LlamaForCausalLM.from_pretrained(tiny["base"], dtype=torch.bfloat16)(input_ids=ids).logits.float()
+        # Both compute in bf16 from the same bf16-rounded weights: equal, where stale buffers differ by ~7e-3.
+        assert torch.allclose(sharded, plain, atol=1e-4, rtol=0), (sharded - plain).abs().max()
+        train.export_hf(cfg, model, tokenizer, rank)
+        exported = LlamaForCausalLM.from_pretrained(str(tmp_path / "final"))
+        assert exported.dtype == torch.bfloat16
+        assert torch.allclose(exported(input_ids=ids).logits.float(), sharded, atol=1e-4, rtol=0)
+
+
+def held_out_accuracy(model_dir, samples):
+    from transformers import AutoTokenizer
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return evaluate.pairwise_accuracy(model, AutoTokenizer.from_pretrained(model_dir), samples, max_len=128,
+                                      max_prompt_len=64)
+
+
+@pytest.mark.parametrize("loss", ["clha", "pro"])
+def test_training_separates_held_out_pairs(tiny, tmp_path, loss):
+    # the tiny fixture's pairs are separable (no flipped labels, rewards 4 apart); the dev pairs are held out
+    before = held_out_accuracy(tiny["base"], tiny["dev_samples"])
+    train.main(train_args(tiny, tmp_path, "--loss", loss, "--max-steps", "30", "--dtype", "float32",
+                          "--log-every", "10", "--no-activation-checkpointing"))
+    after = held_out_accuracy(str(tmp_path / "final"), tiny["dev_samples"])
+    assert before < 0.7 and after > 0.85, (before, after)
+
+
+def test_bad_setups_fail_before_training(tiny, tmp_path):
+    def fails(match, *extra, out=tmp_path / "run"):
+        with pytest.raises(SystemExit, match=match):
+            train.main(train_args(tiny, out, *extra)[2:] + ["--model", tiny["base"]])
+    samples = data.read_samples(tiny["train"])
+    fails(r"--train .*nope.jsonl: no such file", "--train", str(tmp_path / "nope.jsonl"))
+    fails(r"--global-batch 7 is not a multiple of --batch-size 2", "--global-batch", "7")
+    three = [dict(samples[0], responses=samples[0]["responses"] + ["Maybe."], rewards=[1.0, 0.0, -1.0])] + samples[1:]
+    data.write_jsonl(str(tmp_path / "three.jsonl"), three)
+    fails(r"three.jsonl: sample raw/train/2 has 2 responses, the first has 3", "--train", str(tmp_path / "three.jsonl"))
+    data.write_jsonl(str(tmp_path / "raw.jsonl"), [dict(s, rewards=None) for s in samples])
+    fails(r"has no rewards: run rescore.py on it first, or pass --no-rescore", "--train", str(tmp_path / "raw.jsonl"))
+    fails(r"--max-prompt-len 127 leaves no room", "--max-prompt-len", "127")
+    (tmp_path / "used" / "checkpoints" / "step_0000003").mkdir(parents=True)
+    fails(r"already holds checkpoints: pass --resume", out=tmp_path / "used")
+    fails(r"--resume: no checkpoint", "--resume", out=tmp_path / "fresh")
+    model = LlamaForCausalLM.from_pretrained(tiny["base"])
+    model._no_split_modules = set()                       # a model whose decoder layers we cannot find
+    with pytest.raises(SystemExit, match=r"declares no decoder layers \(_no_split_modules\) to shard"):
+        train.apply_fsdp(model, torch.bfloat16, activation_checkpointing=False)
+
 # ---------------------------------------------------------------------------------------------------------
 # rescore.py: the OpenAssistant reward models, rescoring, resume, Eq. 1
 # ---------------------------------------------------------------------------------------------------------
