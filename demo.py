@@ -96,7 +96,10 @@ def center_rewards(path):
     OpenAssistant reward model has a zero point of its own.)"""
     samples = data.read_samples(path)
     mean = sum(sum(s["rewards"]) for s in samples) / sum(len(s["rewards"]) for s in samples)
-    data.write_jsonl(path, [dict(s, rewards=[r - mean for r in s["rewards"]]) for s in samples])
+    samples = [dict(s, rewards=[r - mean for r in s["rewards"]]) for s in samples]
+    data.write_jsonl(path, samples)
+    off = sum(s["rewards"][s["sft_index"]] <= 0 for s in samples) / len(samples)
+    print(f"  rewards centred on their mean {mean:.3f}: SFT target with reward <= 0 now {off:.1%} of samples")
 
 
 def train_policy(out, base, name, train_file, flags, seed):

@@ -56,7 +56,7 @@ class Config:
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = all epochs)")
     lr: float = opt(5e-6, "AdamW learning rate, constant after warmup")
     warmup_steps: int = opt(0, "linear warmup steps (the authors use none)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
+    weight_decay: float = opt(0.01, "AdamW weight decay (torch's default, as in the authors' AdamW(params, lr))")
     clip: float = opt(1.0, "clip the global gradient norm to this")
     batch_size: int = opt(2, "prompts per device per micro-batch, each with all K candidates")
     global_batch: int = opt(128, "prompts per optimizer step = batch_size x world x accumulation")
@@ -130,6 +130,10 @@ def check_setup(cfg, world):
                                  "or pass --no-rescore (the 'w/o Rescore' ablation)")
     if len(train) < cfg.global_batch:
         raise SystemExit(f"--global-batch {cfg.global_batch} is larger than the {len(train)} training samples")
+    if checkpoint_dirs(cfg.out) and not cfg.resume:
+        raise SystemExit(f"--out {cfg.out} already holds checkpoints: pass --resume, or choose another --out")
+    if cfg.resume and not checkpoint_dirs(cfg.out):
+        raise SystemExit(f"--resume: no checkpoint in {cfg.out}/checkpoints")
     return train, dev, cfg.global_batch // (cfg.batch_size * world)
 
 
@@ -192,28 +196,25 @@ def objective(cfg, model, batch, K, device):
 
 
 class Meter:
-    """Sums metrics over micro-batches; one all_reduce turns them into means over all ranks."""
-    def __init__(self):
-        self.sums = None
+    """Sums metrics over micro-batches; `result` all-reduces the sums (one collective for every rank) and divides.
+    acc_kept is a mean over kept pairs, so it is summed weighted by the kept share to average it exactly."""
+    names = ("loss", "loss_rank", "loss_sft", "pairs_kept", "sft_on", "acc", "acc_kept")
 
-    def add(self, metrics, tokens, weight=1.0):
-        m = metrics   # acc_kept is a mean over kept pairs: weigh it by their share to average it exactly
-        row = torch.cat([torch.stack([m["loss"], m["loss_rank"], m["loss_sft"], m["pairs_kept"], m["sft_on"],
-                                      m["acc"], m["acc_kept"] * m["pairs_kept"]]).float().cpu(),
-                         m["logp_rank"].float().cpu()]) * weight
-        row = torch.cat([row, torch.tensor([float(tokens), weight])])
-        self.sums = row if self.sums is None else self.sums + row
+    def __init__(self):
+        self.sums = 0
+
+    def add(self, m, tokens, weight=1.0):
+        values = [m[k] * m["pairs_kept"] if k == "acc_kept" else m[k] for k in self.names]
+        row = torch.cat([torch.stack(values).cpu(), m["logp_rank"].cpu()]).float() * weight
+        self.sums = self.sums + torch.cat([row, torch.tensor([float(tokens), weight])])
 
     def result(self, device):
-        sums = self.sums.to(device)
-        dist.all_reduce(sums)                                      # sums over ranks, not lists gathered
-        self.sums = None
-        n = sums[-1]
-        names = ["loss", "loss_rank", "loss_sft", "pairs_kept", "sft_on", "acc"]
-        out = {k: (sums[i] / n).item() for i, k in enumerate(names)}
+        sums, self.sums = self.sums.to(device), 0
+        dist.all_reduce(sums)                                      # summed across ranks, not gathered as lists
+        out = {k: (sums[i] / sums[-1]).item() for i, k in enumerate(self.names)}
         out["acc_kept"] = (sums[6] / sums[3].clamp(min=1e-12)).item()
-        out["logp_rank"] = [round((v / n).item(), 4) for v in sums[7:-2]]
-        out["tokens"] = int(sums[-2].item())
+        out["logp_rank"] = [round(v, 4) for v in (sums[7:-2] / sums[-1]).tolist()]
+        out["tokens"] = int(sums[-2])
         return out
 
 
@@ -298,6 +299,13 @@ def export_hf(cfg, model, tokenizer, rank):
     dist.barrier()
 
 
+def write_log(record, bar, log):
+    """Rank 0: a line under the progress bar and a JSON line in OUT/log.jsonl."""
+    bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+
+
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -315,11 +323,6 @@ def main(argv=None):
     try:
         torch.manual_seed(cfg.seed)
         train, dev, accumulation = check_setup(cfg, world)
-        existing = checkpoint_dirs(cfg.out)
-        if existing and not cfg.resume:
-            raise SystemExit(f"--out {cfg.out} already holds checkpoints: pass --resume, or choose another --out")
-        if cfg.resume and not existing:
-            raise SystemExit(f"--resume: no checkpoint in {cfg.out}/checkpoints")
         K = len(train[0]["responses"])
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
         if tokenizer.pad_token_id is None:
@@ -377,17 +380,11 @@ def main(argv=None):
                 elapsed, clock = time.perf_counter() - clock, time.perf_counter()
                 record.update(tokens_per_s=round(record["tokens"] / elapsed), peak_mem_gb=round(peak.item(), 2))
                 if rank == 0:
-                    bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in record.items()))
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    write_log(record, bar, log)
             if dev and (done % cfg.eval_every == 0 or done == total_steps):
                 record = {"step": done, "split": "dev", **validate(cfg, model, dev, tokenizer, K, rank, world, device)}
                 if rank == 0:
-                    bar.write(f"dev: loss {record['loss']:.4f} acc {record['acc']:.3f} "
-                              f"acc_kept {record['acc_kept']:.3f}")
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    write_log(record, bar, log)
                 clock = time.perf_counter()
             if done % cfg.save_every == 0 or done == total_steps:
                 save_checkpoint(cfg, model, optimizer, done, rank)
