@@ -47,7 +47,8 @@ def synthetic_batch(vocab_size, batch_size, K, max_len, seed):
             response_mask[b * K + k, prompt:end] = True
     input_ids[~attention_mask] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-            "rewards": torch.randn(batch_size, K, generator=g) * 5, "sft_index": torch.zeros(batch_size, dtype=torch.long)}
+            "rewards": torch.randn(batch_size, K, generator=g) * 5,
+            "sft_index": torch.zeros(batch_size, dtype=torch.long)}
 
 
 class PeakRSS:

@@ -165,15 +165,17 @@ def clha_objective(logps, sum_logps, rewards, sft_index, *, loss="clha", alpha=N
         total = alpha * loss_sft                                       # "w/o L_clha": the SFT term of Eq. (7) alone
 
     with torch.no_grad():
-        upper = torch.ones(K, K, device=logps.device).triu(diagonal=1).bool()
-        kept = _kept_pairs(rewards, reward_gap if rewards is not None else None, K, logps.device).expand(B, K, K)[:, upper]  # [B, P]
-        correct = (logps[:, :, None] > logps[:, None, :])[:, upper].float()                # [B, P] p_i > p_j
+        upper = torch.ones(K, K, device=logps.device).triu(diagonal=1).bool()    # [K, K] the P pairs i < j
+        kept = _kept_pairs(rewards, reward_gap if rewards is not None else None, K, logps.device)
+        kept = kept.expand(B, K, K)[:, upper]                                        # [B, P] (1 - k)
+        correct = (logps[:, :, None] > logps[:, None, :])[:, upper].float()          # [B, P] p_i > p_j
         metrics = {
             "loss": total.detach(),
             "loss_rank": loss_rank.detach(),
             "loss_sft": loss_sft.detach(),
             "pairs_kept": kept.mean(),                                 # share of pairs with |r_i - r_j| > reward_gap
-            "sft_on": (target_rewards > 0).float().mean() if gate else logps.new_ones(()),  # share of prompts whose SFT term is on
+            # share of prompts whose SFT term is on (1 - lambda = 1)
+            "sft_on": (target_rewards > 0).float().mean() if gate else logps.new_ones(()),
             "acc": correct.mean(),                                     # pairwise accuracy over all pairs
             "acc_kept": (correct * kept).sum() / kept.sum().clamp(min=1),  # ... over kept pairs (0 if none)
             "logp_rank": logps.detach().mean(dim=0),                   # [K] mean log-prob per rank position

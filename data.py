@@ -1,6 +1,6 @@
 """HH-RLHF to ranked candidates, and the [B, K, T] batches that train.py and evaluate.py share (Sec. 3.1).
 
-    python data.py --hh-dir hh-rlhf --out data/hh2      # the paper's splits: train.jsonl, dev.jsonl, test/<subset>.jsonl
+    python data.py --hh-dir hh-rlhf --out data/hh2   # the paper's splits: train, dev, test/<subset> (.jsonl)
     python data.py --demo --out demo/raw                # the built-in demo data, in raw HH-RLHF format
 
 Both print what they read, skipped and wrote. `hh-rlhf` is Anthropic's repository layout:
@@ -361,28 +361,6 @@ def make_demo_data(out_dir, n_train=3000, n_test=400, flip=0.25, tie=0.15, seed=
         paths[split] = os.path.join(out_dir, f"{split}.jsonl")
         write_jsonl(paths[split], lines)
     return paths
-
-
-def train_tokenizer(texts, out_dir, vocab_size=1000):
-    """A LLaMA-style SentencePiece tokenizer (BPE with byte fallback) trained offline, saved in HF format.
-
-    Whitespace and newlines are kept as they are, so decoding gives back the text.
-    """
-    import io
-    import sentencepiece
-    from transformers import LlamaTokenizer
-    os.makedirs(out_dir, exist_ok=True)
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, max_sentence_length=1 << 16,
-        hard_vocab_limit=False, minloglevel=2)
-    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
-        f.write(model.getvalue())
-    tokenizer = LlamaTokenizer.from_pretrained(out_dir, pad_token="<pad>")
-    tokenizer.save_pretrained(out_dir)
-    return tokenizer
 
 
 def padding_share(samples, tokenizer, batch_size, group_by_length, max_len=512, max_prompt_len=384, seed=0):

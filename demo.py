@@ -68,7 +68,7 @@ def prepare(out, n_train, n_test, seed=0):
         stage("2. a SentencePiece tokenizer and a random-init LLaMA policy (and reward model backbone)")
         texts = [s["prompt"] + " " + r for s in data.read_samples(os.path.join(out, "train.jsonl"))
                  for r in s["responses"]]
-        tokenizer = data.train_tokenizer(texts, base, vocab_size=1000)
+        tokenizer = train_tokenizer(texts, base, vocab_size=1000)
         config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=3, **TINY)
         torch.manual_seed(seed)
         LlamaForCausalLM(config).save_pretrained(base)
@@ -90,6 +90,28 @@ def prepare(out, n_train, n_test, seed=0):
     return base, rm
 
 
+def train_tokenizer(texts, out_dir, vocab_size=1000):
+    """A LLaMA-style SentencePiece tokenizer (BPE with byte fallback) trained offline, saved in HF format.
+
+    Whitespace and newlines are kept as they are, so decoding gives back the text.
+    """
+    import io
+    import sentencepiece
+    from transformers import LlamaTokenizer
+    os.makedirs(out_dir, exist_ok=True)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, max_sentence_length=1 << 16,
+        hard_vocab_limit=False, minloglevel=2)
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    tokenizer = LlamaTokenizer.from_pretrained(out_dir, pad_token="<pad>")
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
 def center_rewards(path):
     """Eq. 1 fixes rewards only up to a constant, but the SFT gate asks "reward > 0": shift them so that 0 is
     the mean reward of the file's responses, i.e. "better than the average candidate". (The paper's
@@ -102,13 +124,14 @@ def center_rewards(path):
     print(f"  rewards centred on their mean {mean:.3f}: SFT target with reward <= 0 now {off:.1%} of samples")
 
 
-def train_policy(out, base, name, train_file, flags, seed):
+def train_policy(out, base, name, train_file, flags, seed, max_steps=0):
     run = os.path.join(out, "runs", f"{name.replace(' ', '_').replace('/', '')}_seed{seed}")
     if not os.path.exists(os.path.join(run, "final", "config.json")):
         stage(f"4. training {name} (seed {seed}) with train.py")
         shutil.rmtree(run, ignore_errors=True)                    # a run killed before its end
         train.main(["--model", base, "--train", os.path.join(out, train_file), "--dev",
-                    os.path.join(out, "dev.rm.jsonl"), "--out", run, "--seed", str(seed), *TRAIN, *flags])
+                    os.path.join(out, "dev.rm.jsonl"), "--out", run, "--seed", str(seed), "--max-steps",
+                    str(max_steps), *TRAIN, *flags])
     return os.path.join(run, "final")
 
 
@@ -144,12 +167,13 @@ def main(argv=None):
     parser.add_argument("--n-test", type=int, default=400, help="clean pairs: a quarter for dev, the rest test")
     parser.add_argument("--ablations", action="store_true", help="train and compare Table 3's variants and PRO")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (data order)")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop each training early (0 = 2 epochs)")
     args = parser.parse_args(argv)
     start = time.time()
     base, rm = prepare(args.out, args.n_train, args.n_test)
 
     if not args.ablations:
-        final = train_policy(args.out, base, "CLHA", *VARIANTS["CLHA"], seed=args.seeds[0])
+        final = train_policy(args.out, base, "CLHA", *VARIANTS["CLHA"], seed=args.seeds[0], max_steps=args.max_steps)
         rows = {"random-init policy (before)": evaluate_policy(args.out, base, rm, "base"),
                 "CLHA (after)": evaluate_policy(args.out, final, rm, "CLHA")}
         stage(f"done in {time.time() - start:.0f} s. Held-out prompts ({args.n_test - args.n_test // 4}):")
@@ -159,7 +183,7 @@ def main(argv=None):
     per_seed = {name: [] for name in VARIANTS}
     for seed in args.seeds:
         for name, (train_file, flags) in VARIANTS.items():
-            final = train_policy(args.out, base, name, train_file, flags, seed)
+            final = train_policy(args.out, base, name, train_file, flags, seed, args.max_steps)
             per_seed[name].append(evaluate_policy(args.out, final, rm, f"{name}_seed{seed}"))
     rows = {}
     for name, results in per_seed.items():   # mean +- standard deviation over the seeds

@@ -24,6 +24,7 @@ from transformers import GPTNeoXConfig, GPTNeoXModel, LlamaConfig, LlamaForCausa
 
 import clha_loss
 import data
+import demo
 import evaluate
 import rescore
 import train
@@ -90,7 +91,8 @@ def test_clha_loss_hand_computed():
     # two prompts, official: distance 1 kept terms {0 (prompt 0), 1.5 (prompt 1)} -> 0.75; distance 2: {2.5, 0 dropped}
     logps2 = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.5, -3.0]])
     rewards2 = torch.tensor([[5.0, 1.0, 0.0], [9.0, 0.0, 8.0]])
-    # prompt 1: (0,1) |9-0| kept, f = -1.5 + 1 + 1 = 0.5 ; (1,2) |0-8| kept, f = -3 + 1.5 + 1 = -0.5 -> 0 ; (0,2) |1| dropped
+    # prompt 1: (0,1) |9-0| kept, f = -1.5 + 1 + 1 = 0.5; (1,2) |0-8| kept, f = -3 + 1.5 + 1 = -0.5 -> 0;
+    # (0,2) |1| dropped
     assert clha_loss.clha_loss(logps2, rewards2, 1.0, 3.0, "official").item() == pytest.approx((0 + 0.5 + 0) / 3 + 2.5)
     assert clha_loss.clha_loss(logps2, rewards2, 1.0, 3.0, "paper").item() == pytest.approx((2.5 + 0.5) / 2)
 
@@ -240,7 +242,7 @@ def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tokenizer")
     paths = data.make_demo_data(str(folder / "raw"), n_train=600, n_test=10)
     samples, _ = data.read_hh_rlhf(paths["train"])
-    return data.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]],
+    return demo.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]],
                                 str(folder / "tok"), vocab_size=600)
 
 
@@ -276,7 +278,7 @@ def test_read_hand_made_dialogues(tmp_path):
         json.dumps({"chosen": multi_turn + " Here:\n\n1. Apple\n2. Pear\n\nEnjoy!", "rejected": multi_turn + " No."}),
         json.dumps({"chosen": multi_turn + " ", "rejected": multi_turn + " Something"}),                # empty reply
         json.dumps({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"}),  # mismatch
-        "",                                                                                              # blank: ignored
+        "",                                                                                   # blank: ignored
         json.dumps({"chosen": "\n\nHuman: Q\n\nAssistant:  two spaces ", "rejected": "\n\nHuman: Q\n\nAssistant: ok"}),
     ]
     path = tmp_path / "harmless-base" / "train.jsonl"
@@ -301,7 +303,8 @@ def test_sample_files_and_authors_format(tmp_path):
     ours, _ = data.read_hh_rlhf(str(raw))
     turns = ["<|prompter|>Hi", "<|assistant|>Hello!", "<|prompter|>Any tips?", "<|assistant|>"]
     authors = {"prefix": [turns, turns], "suffix": ["Drink water.", "No."], "reward": [1.5, -0.5], "sft_index": 0,
-               "meta": {"path": "../../data/raw_data/hhrlhf/helpful-base/test.jsonl", "line_num": 1, "task": "dialogue"}}
+               "meta": {"path": "../../data/raw_data/hhrlhf/helpful-base/test.jsonl", "line_num": 1,
+                        "task": "dialogue"}}
     write_lines(tmp_path / "authors.jsonl", [json.dumps(authors)])
     theirs = data.read_samples(str(tmp_path / "authors.jsonl"))
     assert [(s["prompt"], s["responses"], s["subset"]) for s in theirs] == \
@@ -578,6 +581,8 @@ def test_bad_setups_fail_before_training(tiny, tmp_path):
     (tmp_path / "used" / "checkpoints" / "step_0000003").mkdir(parents=True)
     fails(r"already holds checkpoints: pass --resume", out=tmp_path / "used")
     fails(r"--resume: no checkpoint", "--resume", out=tmp_path / "fresh")
+    with pytest.raises(SystemExit, match=r"--model is required \(python train.py with no flags at all runs the demo"):
+        train.main(["--lr", "1e-4"])                      # flags without --model are not silently ignored
     model = LlamaForCausalLM.from_pretrained(tiny["base"])
     model._no_split_modules = set()                       # a model whose decoder layers we cannot find
     with pytest.raises(SystemExit, match=r"declares no decoder layers \(_no_split_modules\) to shard"):
@@ -795,14 +800,14 @@ def test_rm_loss_by_hand():
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def rm_demo(tmp_path_factory):
     """Demo data with clean labels, a tokenizer trained on it, and a tiny random LLaMA classifier as the base."""
     root = tmp_path_factory.mktemp("demo")
     paths = data.make_demo_data(str(root / "raw"), n_train=300, n_test=100, flip=0, tie=0, seed=1)
     for split in ("train", "test"):
         data.write_jsonl(str(root / f"{split}.jsonl"), data.read_hh_rlhf(paths[split], "demo", split)[0])
     samples = data.read_samples(str(root / "train.jsonl"))
-    tokenizer = data.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]],
+    tokenizer = demo.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]],
                                      str(root / "base"), vocab_size=400)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -811,11 +816,11 @@ def demo(tmp_path_factory):
     return root
 
 
-def test_llama_scores_equal_a_hand_forward_in_a_padded_batch(demo):
-    model, tokenizer, format_fn = rescore.load_reward_model(str(demo / "base"))
+def test_llama_scores_equal_a_hand_forward_in_a_padded_batch(rm_demo):
+    model, tokenizer, format_fn = rescore.load_reward_model(str(rm_demo / "base"))
     assert model.config.pad_token_id == 3 and format_fn("\n\nHuman: Hi\n\nAssistant:", " Hello ") == (
         "<s>\n\nHuman: Hi\n\nAssistant: Hello</s>")
-    samples = data.read_samples(str(demo / "test.jsonl"))[:4]
+    samples = data.read_samples(str(rm_demo / "test.jsonl"))[:4]
     prompts, responses = [s["prompt"] for s in samples for _ in (0, 1)], [r for s in samples for r in s["responses"]]
     got = rescore.score(model, tokenizer, format_fn, prompts, responses, batch_size=8)
     lengths = set()
@@ -829,22 +834,22 @@ def test_llama_scores_equal_a_hand_forward_in_a_padded_batch(demo):
     assert len(lengths) > 1                            # the batch was padded
 
 
-def test_reward_model_with_two_outputs_is_refused(tmp_path, demo):
+def test_reward_model_with_two_outputs_is_refused(tmp_path, rm_demo):
     from transformers import AutoTokenizer
     config = LlamaConfig(vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_labels=2)
     LlamaForSequenceClassification(config).save_pretrained(str(tmp_path))
-    AutoTokenizer.from_pretrained(str(demo / "base")).save_pretrained(str(tmp_path))
+    AutoTokenizer.from_pretrained(str(rm_demo / "base")).save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="2 outputs"):
         rescore.load_reward_model(str(tmp_path))
 
 
-def test_train_reward_model_learns_separable_pairs(demo, tmp_path):
-    accuracy = rescore.train_reward_model(str(demo / "train.jsonl"), str(tmp_path / "rm"), str(demo / "base"),
-                                          dev=str(demo / "test.jsonl"), lr=3e-3, batch_size=16, max_length=128)
+def test_train_reward_model_learns_separable_pairs(rm_demo, tmp_path):
+    accuracy = rescore.train_reward_model(str(rm_demo / "train.jsonl"), str(tmp_path / "rm"), str(rm_demo / "base"),
+                                          dev=str(rm_demo / "test.jsonl"), lr=3e-3, batch_size=16, max_length=128)
     assert accuracy >= 0.85                           # chance is 0.5; the random base scores about that
     model, tokenizer, format_fn = rescore.load_reward_model(str(tmp_path / "rm"))   # saved in HF format, loads back
-    pairs = rescore.preference_pairs(data.read_samples(str(demo / "test.jsonl")))
+    pairs = rescore.preference_pairs(data.read_samples(str(rm_demo / "test.jsonl")))
     assert rescore.pairwise_accuracy(model, tokenizer, format_fn, pairs, 16, 128) == pytest.approx(accuracy)
 
 
@@ -887,7 +892,7 @@ def env(tmp_path_factory):
     paths = data.make_demo_data(str(tmp / "raw"), n_train=40, n_test=12, seed=1)
     samples, _ = data.read_hh_rlhf(paths["test"], "harmless-base", "test")
     train_samples, _ = data.read_hh_rlhf(paths["train"], "x", "train")
-    tokenizer = data.train_tokenizer([s["prompt"] + " " + r for s in samples + train_samples for r in s["responses"]],
+    tokenizer = demo.train_tokenizer([s["prompt"] + " " + r for s in samples + train_samples for r in s["responses"]],
                                      str(tmp / "tok"), vocab_size=400)
     samples[0]["responses"].append("I do not know.")                    # one prompt ranks K = 3 responses
     files = []
@@ -1096,3 +1101,19 @@ def test_torchrun_two_processes_equal_one(env, full_run, monkeypatch, capsys):
     evaluate.main()
     rows = capsys.readouterr().out.splitlines()
     assert rows[2].startswith(f"| {out1} |") and rows[3].startswith(f"| {out2} |")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The quick start: `python train.py` runs demo.py; here a shortened run through the same code path
+# ---------------------------------------------------------------------------------------------------------
+
+def test_quick_start_demo(tmp_path, capsys):
+    args = ["--out", str(tmp_path / "demo"), "--n-train", "480", "--n-test", "80", "--max-steps", "40"]
+    rows = demo.main(args)
+    before, after = rows["random-init policy (before)"], rows["CLHA (after)"]
+    assert after["GT pair acc"] > before["GT pair acc"] + 20          # it learned the known preferences
+    printed = capsys.readouterr().out
+    assert "| CLHA (after) |" in printed and "4. training CLHA" in printed
+    # a second run reuses every stage's output and only prints the table
+    assert demo.main(args) == rows
+    assert "==== 4." not in capsys.readouterr().out

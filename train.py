@@ -33,7 +33,7 @@ import data
 from clha_loss import clha_objective, sequence_logps
 
 
-def opt(default, help):
+def opt(default, help):   # a Config field with its --help text
     return field(default=default, metadata={"help": help})
 
 
@@ -79,7 +79,8 @@ def parse_config(argv=None):
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            kind = {"str": str, "int": int, "float": lambda s: None if s.lower() == "none" else float(s)}[f.type.__name__]
+            number = lambda s: None if s.lower() == "none" else float(s)      # --reward-gap none, --alpha none
+            kind = {"str": str, "int": int, "float": number}[f.type.__name__]
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
     return Config(**vars(parser.parse_args(argv)))
 
@@ -114,7 +115,8 @@ def check_setup(cfg, world):
     if cfg.loss not in ("clha", "pro", "sft") or cfg.reduction not in ("paper", "official"):
         raise SystemExit(f"--loss {cfg.loss} / --reduction {cfg.reduction}: see --help for the choices")
     if cfg.max_prompt_len + 2 > cfg.max_len:
-        raise SystemExit(f"--max-prompt-len {cfg.max_prompt_len} leaves no room for a response in --max-len {cfg.max_len}")
+        raise SystemExit(f"--max-prompt-len {cfg.max_prompt_len} leaves no room for a response "
+                         f"in --max-len {cfg.max_len}")
     if cfg.global_batch % (cfg.batch_size * world):
         raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} "
                          f"x {world} processes: change one of them")
@@ -296,6 +298,7 @@ def export_hf(cfg, model, tokenizer, rank):
         plain.load_state_dict(full, assign=True)
         plain.save_pretrained(os.path.join(cfg.out, "final"))
         tokenizer.save_pretrained(os.path.join(cfg.out, "final"))
+        print(f"saved {os.path.join(cfg.out, 'final')}")
     dist.barrier()
 
 
@@ -314,7 +317,9 @@ def peak_memory_gb(device):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    if not cfg.model:
+    if not cfg.model:                      # `python train.py`, no flags: the built-in demo (demo.py)
+        if cfg != Config():
+            raise SystemExit("--model is required (python train.py with no flags at all runs the demo)")
         import demo
         return demo.main()
 
@@ -393,8 +398,6 @@ def main(argv=None):
 
         # teardown: one consolidated Hugging Face checkpoint
         export_hf(cfg, model, tokenizer, rank)
-        if rank == 0:
-            print(f"saved {os.path.join(cfg.out, 'final')}")
     finally:
         dist.destroy_process_group()
 
