@@ -35,10 +35,10 @@ def sequence_logps(logits, input_ids, response_mask):
     Token t is predicted by logits[:, t - 1], so the first position can never be a response token.
     Returns (mean_logps [N], sum_logps [N]) in float32 whatever the dtype of the logits.
 
-    Memory: the response positions are gathered first, so the only large tensor autograd keeps is one
-    float32 [M, V] copy of their logits (M = number of response tokens <= N * T), saved by logsumexp.
-    Gathering the target logit and subtracting logsumexp avoids materialising a second [M, V] tensor,
-    which log_softmax followed by gather would.
+    Memory: only the M <= N * T response positions are kept, and the one large tensor autograd saves for
+    backward is their float32 [M, V] logits (gather and logsumexp share it). Transients while this runs: a
+    copy of those rows in the logits' dtype before the cast, and logsumexp's exp. The token log-prob is the
+    target's logit minus logsumexp, so no [M, V] log_softmax output is kept besides.
     """
     if logits.shape[:2] != input_ids.shape or input_ids.shape != response_mask.shape:
         raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
@@ -56,10 +56,10 @@ def sequence_logps(logits, input_ids, response_mask):
     mask = response_mask[:, 1:]                                        # [N, T-1] targets that are response tokens
     targets = input_ids[:, 1:][mask]                                   # [M]
     scores = logits[:, :-1][mask].float()                              # [M, V] the logits that predict them
-    token_logps = scores.gather(1, targets[:, None]).squeeze(1) - scores.logsumexp(dim=1)  # [M] log P(y^t | x, y^<t)
+    token_logps = scores.gather(1, targets[:, None]).squeeze(1) - scores.logsumexp(dim=1)  # [M] Eq. (3) log P
     row = mask.nonzero()[:, 0]                                         # [M] which sequence each token belongs to
     sum_logps = torch.zeros(len(input_ids), dtype=torch.float32, device=logits.device)
-    sum_logps = sum_logps.index_add(0, row, token_logps)               # [N]
+    sum_logps = sum_logps.index_add(0, row, token_logps)               # [N] Eq. (3) sum over t
     mean_logps = sum_logps / n_tokens                                  # [N] Eq. (3)
     return mean_logps, sum_logps
 
@@ -71,7 +71,7 @@ def _kept_pairs(rewards, reward_gap, K, device):
         return upper.expand(1, K, K)
     gap = (rewards[:, :, None] - rewards[:, None, :]).abs()            # [B, K, K] |r_i - r_j|
     k = (gap <= reward_gap).float()                                    # [B, K, K] Eq. (5): 1 = too close to learn from
-    return (1 - k) * upper                                             # [B, K, K]
+    return (1 - k) * upper                                             # [B, K, K] Eq. (5) (1 - k), i < j
 
 
 def clha_loss(logps, rewards, margin=3.0, reward_gap=3.0, reduction="paper"):
@@ -80,7 +80,7 @@ def clha_loss(logps, rewards, margin=3.0, reward_gap=3.0, reduction="paper"):
     logps [B, K] mean log-probs (Eq. 3), best candidate first; rewards [B, K] (unused when reward_gap is None).
     reduction="paper": Eq. 5's sum over the pairs of each prompt, then the mean over the B prompts.
     reduction="official": what the authors' code computes: for each rank distance d = j - i, the mean over
-    the kept pairs at that distance in the whole batch (0 if none is kept), then the sum over d.
+    the kept pairs at that distance in the whole batch (nothing if none is kept, as there), then the sum over d.
     """
     B, K = logps.shape
     if reduction not in ("paper", "official"):

@@ -190,16 +190,19 @@ def add_responses(samples, extra_path):
 # ---- tokenization and batches -------------------------------------------------------------------------------
 
 def encode_prompt(tokenizer, prompt, max_prompt_len):
-    """[BOS] + the prompt's tokens, cut from the left to at most `max_prompt_len` tokens so its end survives."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_len:]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    """[BOS] + the prompt's tokens, `max_prompt_len` tokens at most with BOS (as the authors count), cut from
+    the left so that the end of the dialogue, where the reply starts, survives."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return bos + ids[max(0, len(ids) - (max_prompt_len - len(bos))):]
 
 
 def encode_sample(tokenizer, sample, max_len=512, max_prompt_len=384):
     """-> (prompt ids, [response ids + EOS] * K). The prompt is encoded once, apart from the responses, so the
     boundary is exact; each response is cut from the right to fit `max_len`, but keeps at least its EOS."""
-    if max_prompt_len + 2 > max_len:
-        raise ValueError(f"max_prompt_len {max_prompt_len} leaves no room in max_len {max_len} for BOS and EOS")
+    if not 2 <= max_prompt_len < max_len:
+        raise ValueError(f"max_prompt_len {max_prompt_len} must be at least 2 (BOS and a token) and leave room "
+                         f"in max_len {max_len} for EOS")
     prompt = encode_prompt(tokenizer, sample["prompt"], max_prompt_len)
     room = max_len - len(prompt) - 1                                   # tokens left for a response before EOS
     responses = [tokenizer(r, add_special_tokens=False)["input_ids"][:room] + [tokenizer.eos_token_id]

@@ -327,8 +327,8 @@ def main():
     for flag, path in (("--model", args.model), ("--reward-model", args.reward_model)):
         if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
             parser.error(f"{flag} {path}: no such folder, and not a hub id (owner/name)")
-    if args.batch_size < 1 or args.max_new_tokens < 2 or args.max_prompt_len < 1:
-        parser.error("--batch-size and --max-prompt-len must be >= 1, --max-new-tokens >= 2")
+    if args.batch_size < 1 or args.max_new_tokens < 2 or args.max_prompt_len < 2:
+        parser.error("--batch-size must be >= 1, --max-new-tokens and --max-prompt-len (BOS included) >= 2")
 
     # distributed: torchrun sets RANK; a plain `python evaluate.py` runs the same code as a world of one.
     # The group only holds barriers, so gloo serves GPUs too, with a timeout long enough for the slowest rank.

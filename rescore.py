@@ -160,14 +160,15 @@ def score(model, tokenizer, format_fn, prompts, responses, batch_size=16, max_le
     return rewards
 
 
-def rerank(sample, rewards, keep_human_order=False):
+def rerank(sample, rewards, keep_human_order=False, sft_human_chosen=False):
     """The sample with its rewards, responses re-sorted best first and the top one the SFT target, as the authors
-    do; keep_human_order ("w/o Rescore"): order and sft_index as they were."""
+    do; keep_human_order ("w/o Rescore"): order and sft_index as they were. sft_human_chosen: the SFT target
+    stays the human-chosen response wherever it lands (Sec. 2.3 as written: gate the human-preferred sample)."""
     if keep_human_order:
         return {**sample, "rewards": rewards}
     order = sorted(range(len(rewards)), key=lambda k: -rewards[k])    # stable: equal rewards keep the human order
-    return {**sample, "responses": [sample["responses"][k] for k in order],
-            "rewards": [rewards[k] for k in order], "sft_index": 0}
+    return {**sample, "responses": [sample["responses"][k] for k in order], "rewards": [rewards[k] for k in order],
+            "sft_index": order.index(sample["sft_index"]) if sft_human_chosen else 0}
 
 
 def noise_stats(human_rewards, sft_rewards, reward_gap):
@@ -212,7 +213,8 @@ def read_parts(out, samples):
     return done
 
 
-def rescore_file(reward_model, data, out, keep_human_order=False, batch_size=16, reward_gap=3.0, max_length=1024):
+def rescore_file(reward_model, data, out, keep_human_order=False, batch_size=16, reward_gap=3.0, max_length=1024,
+                 sft_human_chosen=False):
     """Score every response of `data`, write `out` (rewards, re-ranked), print and return the noise statistics.
     Under torchrun, rank r scores the samples i with i % world == r into out.part<r>; once all are done, rank 0
     writes `out` in input order and returns the statistics (the other ranks return None)."""
@@ -256,7 +258,7 @@ def rescore_file(reward_model, data, out, keep_human_order=False, batch_size=16,
         missing = [s["id"] for s in samples if s["id"] not in done]
         if missing:
             raise RuntimeError(f"{len(missing)} samples were not scored, e.g. {missing[0]!r}; rerun to finish them")
-        rescored = [rerank(s, done[s["id"]], keep_human_order) for s in samples]
+        rescored = [rerank(s, done[s["id"]], keep_human_order, sft_human_chosen) for s in samples]
         write_jsonl(out, rescored)
         for path in glob.glob(glob.escape(out) + ".part*"):
             os.remove(path)
@@ -351,6 +353,8 @@ class Config:
     data: str = arg("", "input samples, in data.py's format or the authors'")
     out: str = arg("", "output sample file; with --train-reward-model, the folder for the model")
     keep_human_order: bool = arg(False, "keep the human order and sft_index ('w/o Rescore')")
+    sft_human_chosen: bool = arg(False, "SFT target: the human-chosen response, as Sec. 2.3 says, not the "
+                                        "top-reward one, as the authors' code does")
     batch_size: int = arg(16, "sequences per forward")
     max_length: int = arg(1024, "tokens per sequence, cut from the left")
     reward_gap: float = arg(3.0, "pairs at most this far apart count as ties in the statistics (Eq. 5's k)")
@@ -386,7 +390,7 @@ def main():
                            cfg.max_length, cfg.seed)
     else:
         rescore_file(cfg.reward_model, cfg.data, cfg.out, cfg.keep_human_order, cfg.batch_size, cfg.reward_gap,
-                     cfg.max_length)
+                     cfg.max_length, cfg.sft_human_chosen)
 
 
 if __name__ == "__main__":

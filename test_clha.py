@@ -359,16 +359,16 @@ def test_tokenization_positions(tokenizer):
     assert batch["rewards"].tolist() == [[2.0, -1.0]] and batch["sft_index"].tolist() == [0]
     # the prompt is cut from the left: its end, where the reply starts, survives
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    short, _ = data.encode_sample(tokenizer, sample, max_len=512, max_prompt_len=6)
-    assert short == [tokenizer.bos_token_id] + prompt_ids[-6:]
+    short, _ = data.encode_sample(tokenizer, sample, max_len=512, max_prompt_len=6)   # 6 tokens with BOS
+    assert short == [tokenizer.bos_token_id] + prompt_ids[-5:]
     assert tokenizer.decode(short[1:]).endswith("tea?\n\nAssistant:")
     # a response too long for max_len is cut from the right, but keeps its EOS; no room at all leaves EOS alone
     full = len(encoded[0])
     _, responses = data.encode_sample(tokenizer, sample, max_len=full + 4, max_prompt_len=full + 2)
     assert responses[0] == tokenizer("Sure! First boil some water.", add_special_tokens=False)["input_ids"][:3] + [2]
-    _, responses = data.encode_sample(tokenizer, sample, max_len=10, max_prompt_len=8)
+    _, responses = data.encode_sample(tokenizer, sample, max_len=9, max_prompt_len=8)
     assert responses == [[tokenizer.eos_token_id]] * 2
-    batch = data.collate([data.encode_sample(tokenizer, sample, 10, 8)], [sample], tokenizer.pad_token_id)
+    batch = data.collate([data.encode_sample(tokenizer, sample, 9, 8)], [sample], tokenizer.pad_token_id)
     assert batch["response_mask"].sum(1).tolist() == [1, 1] and batch["input_ids"].shape[1] == 16
 
 
@@ -577,7 +577,12 @@ def test_bad_setups_fail_before_training(tiny, tmp_path):
     fails(r"three.jsonl: sample raw/train/2 has 2 responses, the first has 3", "--train", str(tmp_path / "three.jsonl"))
     data.write_jsonl(str(tmp_path / "raw.jsonl"), [dict(s, rewards=None) for s in samples])
     fails(r"has no rewards: run rescore.py on it first, or pass --no-rescore", "--train", str(tmp_path / "raw.jsonl"))
-    fails(r"--max-prompt-len 127 leaves no room", "--max-prompt-len", "127")
+    fails(r"--max-prompt-len 128 leaves no room", "--max-prompt-len", "128")
+    data.write_jsonl(str(tmp_path / "human.jsonl"), [dict(s, rewards=s["rewards"][::-1]) for s in samples])
+    fails(r"human.jsonl: sample \S+ is not sorted by reward, best first", "--train", str(tmp_path / "human.jsonl"))
+    fails(r"--save-every must be at least 1", "--save-every", "0")
+    with pytest.raises(SystemExit):                       # argparse: "none" is only for --reward-gap and --alpha
+        train.parse_config(["--lr", "none"])
     (tmp_path / "used" / "checkpoints" / "step_0000003").mkdir(parents=True)
     fails(r"already holds checkpoints: pass --resume", out=tmp_path / "used")
     fails(r"--resume: no checkpoint", "--resume", out=tmp_path / "fresh")
@@ -702,6 +707,9 @@ def test_rerank_and_keep_human_order():
     assert out["rewards"] == [2.0, 0.5, 0.5] and out["sft_index"] == 0
     kept = rescore.rerank(s, [0.5, 2.0, 0.5], keep_human_order=True)
     assert kept["responses"] == s["responses"] and kept["rewards"] == [0.5, 2.0, 0.5] and kept["sft_index"] == 1
+    # the paper's SFT target: the human-chosen response ("rejected" here, index 1 of the input) wherever it lands
+    human = rescore.rerank(dict(s, sft_index=0), [0.5, 2.0, 0.1], sft_human_chosen=True)
+    assert human["responses"] == ["rejected", "chosen", "third"] and human["sft_index"] == 1
 
 
 def test_noise_stats_by_hand():
@@ -966,7 +974,7 @@ def test_prompts_truncated_left_and_padded_left(env):
     long, short = "\n\nHuman: How do I make tea?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:"
     ids_long, ids_short = (tok(p, add_special_tokens=False)["input_ids"] for p in (long, short))
     input_ids, mask = evaluate.left_padded(tok, [long], 5)
-    assert input_ids.tolist() == [[1] + ids_long[-5:]] and mask.tolist() == [[1] * 6]   # BOS + the last 5 tokens
+    assert input_ids.tolist() == [[1] + ids_long[-4:]] and mask.tolist() == [[1] * 5]   # BOS + the last 4 tokens
     input_ids, mask = evaluate.left_padded(tok, [long, short], 384)
     pad = len(ids_long) - len(ids_short)
     assert input_ids.tolist() == [[1] + ids_long, [3] * pad + [1] + ids_short]
@@ -975,7 +983,7 @@ def test_prompts_truncated_left_and_padded_left(env):
 
 def greedy_by_hand(model, tokenizer, prompt, max_prompt_len, n_new):
     """Greedy decoding without the KV cache or padding: the whole sequence through the model at every step."""
-    ids = [1] + tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_len:]
+    ids = [1] + tokenizer(prompt, add_special_tokens=False)["input_ids"][-(max_prompt_len - 1):]   # 1 = BOS
     new = []
     with torch.no_grad():
         for _ in range(n_new):

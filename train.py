@@ -46,8 +46,9 @@ class Config:
     out: str = opt("runs/clha", "output folder: log.jsonl, checkpoints/, final/")
     loss: str = opt("clha", "clha (Eq. 7) | pro (Eq. 2 + SFT) | sft (the SFT term alone: 'w/o L_clha')")
     margin: float = opt(3.0, "margin of Eq. 6; 0 is the 'w/o xi_adjust' ablation")
-    reward_gap: float = opt(3.0, "Eq. 5: pairs with |r_i - r_j| <= reward_gap are ignored")
-    rescore: bool = opt(True, "--no-rescore is the 'w/o Rescore' ablation: keep every pair, SFT ungated")
+    reward_gap: float = opt(3.0, "Eq. 5: pairs with |r_i - r_j| <= reward_gap are ignored ('none': keep all)")
+    rescore: bool = opt(True, "rewards mask pairs and gate SFT; the data must be sorted by reward. --no-rescore, "
+                              "on data rescored with --keep-human-order, is the 'w/o Rescore' ablation")
     alpha: float = opt(None, "SFT weight of Eq. 7 (default 0.05 (K - 1)^2, Sec. 3.3)")
     reduction: str = opt("paper", "paper (Eq. 5 summed per prompt) | official (the authors' per-distance mean)")
     max_len: int = opt(512, "tokens per sequence (block size)")
@@ -79,8 +80,9 @@ def parse_config(argv=None):
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            number = lambda s: None if s.lower() == "none" else float(s)      # --reward-gap none, --alpha none
-            kind = {"str": str, "int": int, "float": number}[f.type.__name__]
+            optional = lambda s: None if s.lower() == "none" else float(s)    # --reward-gap none, --alpha none
+            kind = optional if f.name in ("reward_gap", "alpha") else {"str": str, "int": int, "float": float}[
+                f.type.__name__]
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
     return Config(**vars(parser.parse_args(argv)))
 
@@ -114,9 +116,13 @@ def check_setup(cfg, world):
         raise SystemExit("--train is required when --model is given (or drop --model to run the demo)")
     if cfg.loss not in ("clha", "pro", "sft") or cfg.reduction not in ("paper", "official"):
         raise SystemExit(f"--loss {cfg.loss} / --reduction {cfg.reduction}: see --help for the choices")
-    if cfg.max_prompt_len + 2 > cfg.max_len:
+    if not 2 <= cfg.max_prompt_len < cfg.max_len:
         raise SystemExit(f"--max-prompt-len {cfg.max_prompt_len} leaves no room for a response "
                          f"in --max-len {cfg.max_len}")
+    small = [f for f in ("batch_size", "log_every", "eval_every", "save_every", "keep_checkpoints", "epochs")
+             if getattr(cfg, f) < 1]
+    if small:
+        raise SystemExit(f"--{small[0].replace('_', '-')} must be at least 1")
     if cfg.global_batch % (cfg.batch_size * world):
         raise SystemExit(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} "
                          f"x {world} processes: change one of them")
@@ -130,6 +136,10 @@ def check_setup(cfg, world):
             if cfg.rescore and cfg.loss != "pro" and s["rewards"] is None:
                 raise SystemExit(f"{path}: sample {s['id']} has no rewards: run rescore.py on it first, "
                                  "or pass --no-rescore (the 'w/o Rescore' ablation)")
+            # Eq. 5's ranks are reward ranks: a file rescored with --keep-human-order would be trained the human way
+            if cfg.rescore and cfg.loss == "clha" and any(a < b for a, b in zip(s["rewards"], s["rewards"][1:])):
+                raise SystemExit(f"{path}: sample {s['id']} is not sorted by reward, best first: rescore it without "
+                                 "--keep-human-order, or pass --no-rescore")
     if len(train) < cfg.global_batch:
         raise SystemExit(f"--global-batch {cfg.global_batch} is larger than the {len(train)} training samples")
     if checkpoint_dirs(cfg.out) and not cfg.resume:
@@ -270,7 +280,9 @@ def load_checkpoint(cfg, model, optimizer, rank):
     path = checkpoint_dirs(cfg.out)[-1]
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
-    for key in ("global_batch", "seed", "train", "epochs", "group_by_length"):   # what fixes the data order
+    free = {"resume", "out", "max_steps", "log_every", "eval_every", "save_every", "keep_checkpoints",
+            "batch_size", "dev", "activation_checkpointing"}      # everything else fixes the data order or the objective
+    for key in sorted(set(meta["config"]) - free):
         if meta["config"][key] != getattr(cfg, key):
             raise SystemExit(f"--resume: {path} was trained with --{key.replace('_', '-')} {meta['config'][key]}, "
                              f"not {getattr(cfg, key)}")
@@ -323,11 +335,13 @@ def main(argv=None):
         import demo
         return demo.main()
 
-    # setup
+    # setup: distributed, and every check that needs no model
     rank, world, device = init_distributed()
     try:
         torch.manual_seed(cfg.seed)
         train, dev, accumulation = check_setup(cfg, world)
+
+        # data: samples are tokenized per micro-batch; the order is a function of (seed, epoch) alone
         K = len(train[0]["responses"])
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
         if tokenizer.pad_token_id is None:
@@ -342,9 +356,11 @@ def main(argv=None):
                   f"accumulation = {cfg.global_batch} per step; {total_steps} steps; "
                   f"{len(train) % cfg.global_batch} prompts left out of each epoch")
 
-        # model, sharded before any weight exists
+        # model, sharded before any weight exists (build_model -> apply_fsdp)
         model = build_model(cfg, device, rank)
         model.train()
+
+        # optimizer over the fp32 shards; --resume restores model, optimizer, RNG and the data position
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         start = load_checkpoint(cfg, model, optimizer, rank) if cfg.resume else 0
 
