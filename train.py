@@ -239,7 +239,7 @@ def validate(cfg, model, samples, tokenizer, K, rank, world, device):
     # every rank must run the same number of forwards (each one all-gathers): pad with repeats, weight 0
     n_batches = -(-len(samples[::world]) // cfg.batch_size)
     for b in range(n_batches):
-        chunk = shard[b * cfg.batch_size:(b + 1) * cfg.batch_size] or shard[:1]
+        chunk = shard[b * cfg.batch_size:(b + 1) * cfg.batch_size] or samples[:1]
         encoded = [data.encode_sample(tokenizer, s, cfg.max_len, cfg.max_prompt_len) for s in chunk]
         _, metrics = objective(cfg, model, data.collate(encoded, chunk, tokenizer.pad_token_id), K, device)
         meter.add(metrics, 0, weight=float(b * cfg.batch_size < len(shard)))
