@@ -3,6 +3,7 @@
     python benchmark.py                        # a 20M-parameter LLaMA (32k vocabulary), B = 2 prompts x K = 2, T = 256
     python benchmark.py --model PATH --max-len 512 --steps 10                         # any causal LM checkpoint
     torchrun --nproc_per_node 8 benchmark.py --model huggyllama/llama-7b --variant clha   # one variant, N GPUs
+    python benchmark.py --padding data/hh2/train.jsonl --model TOKENIZER --max-len 512   # padding share of batches
 
 Prints, for each variant, tokens/s (real tokens, all ranks), step time, peak memory during the timed steps
 (allocated GPU memory; on CPUs the process's resident memory, sampled every millisecond) and the padding share of
@@ -23,8 +24,9 @@ import time
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import data
 import train
 
 SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -77,6 +79,17 @@ def bare_lm_loss(model, batch, device):
     """Plain next-token cross-entropy over every real token: the baseline a CLHA step is compared with."""
     ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     return model(input_ids=ids, attention_mask=attention.long(), labels=ids.masked_fill(~attention, -100)).loss
+
+
+def padding_share(samples, tokenizer, batch_size, group_by_length, max_len=512, max_prompt_len=384, seed=0):
+    """Share of the tokens in one epoch of train.py's [B*K, T] batches that are padding."""
+    lengths = [data.sample_length(s) for s in samples]                 # what train.py groups by
+    padded = real = 0
+    for step in data.step_batches(lengths, batch_size, seed, 0, group_by_length):
+        chunk = [samples[i] for i in step]
+        batch = data.collate([data.encode_sample(tokenizer, s, max_len, max_prompt_len) for s in chunk], chunk, 0)
+        padded, real = padded + batch["input_ids"].numel(), real + batch["attention_mask"].sum().item()
+    return 1 - real / padded
 
 
 def run_variant(args):
@@ -140,7 +153,15 @@ def main():
                         help="compute dtype (default: bfloat16 on GPUs; float32 on CPUs, which run bf16 slowly)")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--variant", choices=["clha", "lm"], help="run only this variant, in this process")
+    parser.add_argument("--padding", metavar="SAMPLES", help="instead: the padding share of SAMPLES' batches, "
+                        "with and without --group-by-length, tokenized by --model's tokenizer")
     args = parser.parse_args()
+    if args.padding:
+        samples, tokenizer = data.read_samples(args.padding), AutoTokenizer.from_pretrained(args.model)
+        for group in (False, True):
+            share = padding_share(samples, tokenizer, args.batch_size, group, args.max_len)
+            print(f"{args.padding}: B = {args.batch_size}, --group-by-length {group}: {share:.1%} padding")
+        return
     if args.variant:
         return run_variant(args)
 

@@ -366,18 +366,6 @@ def make_demo_data(out_dir, n_train=3000, n_test=400, flip=0.25, tie=0.15, seed=
     return paths
 
 
-def padding_share(samples, tokenizer, batch_size, group_by_length, max_len=512, max_prompt_len=384, seed=0):
-    """Share of the tokens in one epoch's [B*K, T] batches that are padding."""
-    encoded = [encode_sample(tokenizer, s, max_len, max_prompt_len) for s in samples]
-    lengths = [len(p) + max(len(r) for r in rs) for p, rs in encoded]   # exact lengths for the report
-    padded = real = 0
-    for step in step_batches(lengths, batch_size, seed, 0, group_by_length):
-        batch = collate([encoded[i] for i in step], [samples[i] for i in step], 0)
-        padded += batch["input_ids"].numel()
-        real += batch["attention_mask"].sum().item()
-    return 1 - real / padded
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="output folder")
@@ -386,18 +374,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extra", help="a sample file with more responses per prompt (HH-RLHF_3)")
     parser.add_argument("--demo", action="store_true", help="write the built-in demo data instead")
-    parser.add_argument("--padding-report", metavar="SAMPLES", help="print the padding share of SAMPLES' batches")
-    parser.add_argument("--tokenizer", help="tokenizer for --padding-report (path or hub id)")
-    parser.add_argument("--batch-size", type=int, default=2, help="prompts per micro-batch for --padding-report")
     args = parser.parse_args()
-    if args.padding_report:
-        from transformers import AutoTokenizer
-        samples, tokenizer = read_samples(args.padding_report), AutoTokenizer.from_pretrained(args.tokenizer)
-        for group in (False, True):
-            share = padding_share(samples, tokenizer, args.batch_size, group)
-            print(f"{args.padding_report}: B = {args.batch_size}, group_by_length={group}: {share:.1%} padding")
-    elif not args.out or not (args.demo or args.hh_dir):
-        parser.error("give --hh-dir DIR --out DIR (HH-RLHF splits), --demo --out DIR, or --padding-report")
+    if not args.out or not (args.demo or args.hh_dir):
+        parser.error("give --hh-dir DIR --out DIR (the HH-RLHF splits) or --demo --out DIR")
     elif args.demo:
         print(make_demo_data(args.out, seed=args.seed))
     else:
