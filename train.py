@@ -281,7 +281,7 @@ def load_checkpoint(cfg, model, optimizer, rank):
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     free = {"resume", "out", "max_steps", "log_every", "eval_every", "save_every", "keep_checkpoints",
-            "batch_size", "dev", "activation_checkpointing"}      # everything else fixes the data order or the objective
+            "batch_size", "dev", "activation_checkpointing"}   # the rest fixes the data order or the objective
     for key in sorted(set(meta["config"]) - free):
         if meta["config"][key] != getattr(cfg, key):
             raise SystemExit(f"--resume: {path} was trained with --{key.replace('_', '-')} {meta['config'][key]}, "
