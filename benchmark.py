@@ -87,7 +87,7 @@ def padding_share(samples, tokenizer, batch_size, group_by_length, max_len=512, 
     padded = real = 0
     for step in data.step_batches(lengths, batch_size, seed, 0, group_by_length):
         chunk = [samples[i] for i in step]
-        batch = data.collate([data.encode_sample(tokenizer, s, max_len, max_prompt_len) for s in chunk], chunk, 0)
+        batch = data.make_batch(tokenizer, chunk, max_len, max_prompt_len)
         padded, real = padded + batch["input_ids"].numel(), real + batch["attention_mask"].sum().item()
     return 1 - real / padded
 

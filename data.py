@@ -230,6 +230,17 @@ def collate(encoded, samples, pad_id, multiple=8):
             "K": len(samples[0]["responses"])}
 
 
+def pad_id(tokenizer):
+    """Any id works under a zero attention mask; LLaMA's tokenizer has no pad token, so fall back to EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def make_batch(tokenizer, samples, max_len=512, max_prompt_len=384):
+    """Samples -> one [B*K, T] batch, as train.py, evaluate.py and benchmark.py all build it."""
+    return collate([encode_sample(tokenizer, s, max_len, max_prompt_len) for s in samples], samples,
+                   pad_id(tokenizer))
+
+
 def step_batches(lengths, global_batch, seed, epoch, group_by_length=False, window=32):
     """Sample indices of each optimizer step in one epoch; the order depends only on (seed, epoch).
 

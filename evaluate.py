@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from clha_loss import sequence_logps
-from data import collate, encode_prompt, encode_sample, read_samples, write_jsonl
+from data import encode_prompt, make_batch, pad_id, read_samples, write_jsonl
 
 STOP_STRINGS = ("Human:", "human:", "Assistant:", "assistant:")
 
@@ -68,11 +68,6 @@ def sentence_bleu(hypothesis, reference):
 
 
 # ---- generation and teacher-forced scoring -------------------------------------------------------------------
-
-def pad_id(tokenizer):
-    """Any id works under a zero attention mask; LLaMA's tokenizer has no pad token, so fall back to EOS."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
 
 def left_padded(tokenizer, prompts, max_prompt_len):
     """Prompts -> (input_ids, attention_mask) [B, T]: [BOS] + the prompt cut from the left, padded on the left
@@ -129,8 +124,7 @@ def pair_counts(model, tokenizer, samples, batch_size=4, max_len=512, max_prompt
     counts = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        encoded = [encode_sample(tokenizer, s, max_len, max_prompt_len) for s in chunk]
-        batch = collate(encoded, chunk, pad_id(tokenizer))               # right-padded, the layout of training
+        batch = make_batch(tokenizer, chunk, max_len, max_prompt_len)  # right-padded, the layout of training
         input_ids = batch["input_ids"].to(model.device)               # [B*K, T]
         logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(model.device)).logits
         logps, _ = sequence_logps(logits, input_ids, batch["response_mask"].to(model.device))  # [B*K] Eq. (3)

@@ -240,8 +240,8 @@ def validate(cfg, model, samples, tokenizer, K, rank, world, device):
     n_batches = -(-len(samples[::world]) // cfg.batch_size)
     for b in range(n_batches):
         chunk = shard[b * cfg.batch_size:(b + 1) * cfg.batch_size] or samples[:1]
-        encoded = [data.encode_sample(tokenizer, s, cfg.max_len, cfg.max_prompt_len) for s in chunk]
-        _, metrics = objective(cfg, model, data.collate(encoded, chunk, tokenizer.pad_token_id), K, device)
+        batch = data.make_batch(tokenizer, chunk, cfg.max_len, cfg.max_prompt_len)
+        _, metrics = objective(cfg, model, batch, K, device)
         meter.add(metrics, 0, weight=float(b * cfg.batch_size < len(shard)))
     model.train()
     return meter.result(device)
@@ -344,8 +344,6 @@ def main(argv=None):
         # data: samples are tokenized per micro-batch; the order is a function of (seed, epoch) alone
         K = len(train[0]["responses"])
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token                  # padding is masked out everywhere
         lengths = [data.sample_length(s) for s in train]
         steps_per_epoch = len(train) // cfg.global_batch
         total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or steps_per_epoch * cfg.epochs)
@@ -374,8 +372,7 @@ def main(argv=None):
                 break
             for micro in range(accumulation):
                 chunk = [train[i] for i in data.micro_batch(indices, cfg.batch_size, world, rank, micro)]
-                encoded = [data.encode_sample(tokenizer, s, cfg.max_len, cfg.max_prompt_len) for s in chunk]
-                batch = data.collate(encoded, chunk, tokenizer.pad_token_id)
+                batch = data.make_batch(tokenizer, chunk, cfg.max_len, cfg.max_prompt_len)
                 loss, metrics = objective(cfg, model, batch, K, device)
                 # FSDP2 reduce-scatters (averages over ranks) after every backward, so the sharded fp32
                 # gradients accumulate here. Skipping that sync would keep a full unsharded gradient on
@@ -394,8 +391,7 @@ def main(argv=None):
             # logging, validation, checkpoints
             if done % cfg.log_every == 0 or done == total_steps:
                 record = {"step": done, "epoch": epoch, **meter.result(device), "lr": lr,
-                          "grad_norm": grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor")
-                          else grad_norm.item()}
+                          "grad_norm": grad_norm.full_tensor().item()}             # a DTensor under FSDP2
                 peak = torch.tensor(peak_memory_gb(device), device=device)
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
                 elapsed, clock = time.perf_counter() - clock, time.perf_counter()
