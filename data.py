@@ -1,9 +1,8 @@
 """HH-RLHF to ranked candidates, and the [B, K, T] batches that train.py and evaluate.py share (Sec. 3.1).
 
-    python data.py --hh-dir hh-rlhf --out data/hh2   # the paper's splits: train, dev, test/<subset> (.jsonl)
-    python data.py --demo --out demo/raw                # the built-in demo data, in raw HH-RLHF format
+    python data.py --hh-dir hh-rlhf --out data/hh2    # the paper's splits: train, dev, test/<subset> (.jsonl)
 
-Both print what they read, skipped and wrote. `hh-rlhf` is Anthropic's repository layout:
+It prints what it read, skipped and wrote. `hh-rlhf` is Anthropic's repository layout:
 <subset>/{train,test}.jsonl.gz for harmless-base, helpful-base, helpful-online, helpful-rejection-sampled.
 
 Sample format: one JSON object per line, one line per prompt.
@@ -14,22 +13,29 @@ Sample format: one JSON object per line, one line per prompt.
      "rewards": [4.58, -0.16] or null,         # reward-model scores, null until rescore.py has run
      "sft_index": 0}                           # which response the SFT term trains on
 Raw HH-RLHF gives responses in human order (chosen, rejected) and sft_index 0. The readers also accept the
-authors' released format ({"prefix": [[turns]] * K, "suffix": [...], "reward": [...], "sft_index": i}).
+authors' released format ({"prefix": [[turns]] * K, "suffix": [...], "reward": [...], "sft_index": i}), and
+read gzip by its content, whatever the file's name. A malformed line is an error naming file:line.
 
 A batch holds B prompts with all K candidates, flattened prompt-major: row b * K + k is candidate k of
-prompt b. Each row is [BOS] prompt + response + EOS; the response mask covers the response and its EOS.
-Legend: B prompts, K candidates, T tokens.
+prompt b. Each row is the tokenizer's own encoding of the dialogue text prompt + " " + response, special tokens
+included (BOS for LLaMA, none for Qwen2 or GPT-NeoX), then EOS if the whole response fits; the response mask
+covers the response and its EOS. Legend: B prompts, K candidates, T tokens.
 """
 
-import argparse
 import gzip
 import json
 import math
 import os
 import random
+import weakref
+import zlib
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
+
+import cli
+from cli import UserError, opt
 
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 ASSISTANT = "\n\nAssistant:"
@@ -38,19 +44,32 @@ ASSISTANT = "\n\nAssistant:"
 # ---- reading --------------------------------------------------------------------------------------------
 
 def _json_lines(path):
-    """Yield (line number, object) for each non-empty line; a broken line is an error naming file:line."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-            yield line_no, obj
+    """Yield (line number, object) for each non-empty line, gzip or not; a broken line is an error naming file:line."""
+    try:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    line_no = 0
+    try:
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8").lstrip("\ufeff")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{line_no}: not UTF-8 text (byte {e.start}: {raw[e.start:e.end]!r})") \
+                        from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+                yield line_no, obj
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}:{line_no + 1}: broken gzip data ({e}); is the file complete?") from None
 
 
 def split_dialogue(dialogue):
@@ -71,9 +90,9 @@ def read_hh_rlhf(path, subset=None, split=None):
     samples, skipped = [], Counter()
     for line_no, obj in _json_lines(path):
         if not isinstance(obj.get("chosen"), str) or not isinstance(obj.get("rejected"), str):
-            raise ValueError(f"{path}:{line_no}: expected string fields 'chosen' and 'rejected'")
+            raise UserError(f"{path}:{line_no}: expected string fields 'chosen' and 'rejected'")
         if ASSISTANT not in obj["chosen"] or ASSISTANT not in obj["rejected"]:
-            raise ValueError(f"{path}:{line_no}: a dialogue has no '\\n\\nAssistant:' turn")
+            raise UserError(f"{path}:{line_no}: a dialogue has no '\\n\\nAssistant:' turn")
         prompt, chosen = split_dialogue(obj["chosen"])
         rejected_prompt, rejected = split_dialogue(obj["rejected"])
         if prompt != rejected_prompt:
@@ -83,33 +102,46 @@ def read_hh_rlhf(path, subset=None, split=None):
         else:
             samples.append({"id": f"{subset}/{split}/{line_no}", "subset": subset, "prompt": prompt,
                             "responses": [chosen, rejected], "rewards": None, "sft_index": 0})
+    if not samples:
+        raise UserError(f"{path}: no usable dialogue pairs (skipped: {dict(skipped) or 'none, the file is empty'})")
     return samples, skipped
+
+
+def _is_list_of(value, kind):
+    return isinstance(value, list) and all(isinstance(v, kind) for v in value)
 
 
 def _from_authors_format(obj, where):
     """The authors' {"prefix", "suffix", "reward", "sft_index"} line -> our sample."""
-    turns = "".join(obj["prefix"][0])
-    prompt = turns.replace("<|prompter|>", "\n\nHuman: ").replace("<|assistant|>", "\n\nAssistant: ").rstrip()
-    meta = obj.get("meta", {})
-    subset = next((s for s in SUBSETS if s in meta.get("path", "")), "unknown")
-    return {"id": f"{subset}/{meta.get('line_num', where)}", "subset": subset, "prompt": prompt,
-            "responses": obj["suffix"], "rewards": obj.get("reward"), "sft_index": obj.get("sft_index", 0)}
+    prefix, suffix = obj.get("prefix"), obj.get("suffix")
+    if not (_is_list_of(prefix, list) and prefix and _is_list_of(prefix[0], str) and _is_list_of(suffix, str)):
+        raise UserError(f"{where}: the authors' format needs 'prefix' as lists of turn strings and 'suffix' as "
+                        "a list of response strings")
+    prompt = "".join(prefix[0]).replace("<|prompter|>", "\n\nHuman: ").replace("<|assistant|>", "\n\nAssistant: ")
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    subset = next((s for s in SUBSETS if s in str(meta.get("path", ""))), "unknown")
+    return {"id": f"{subset}/{meta.get('line_num', where)}", "subset": subset, "prompt": prompt.rstrip(),
+            "responses": suffix, "rewards": obj.get("reward"), "sft_index": obj.get("sft_index", 0)}
 
 
 def check_sample(s, where):
-    """Raise a ValueError naming `where` (file:line) unless `s` is a well-formed sample."""
+    """Raise a UserError naming `where` (file:line) unless `s` is a well-formed sample."""
     for key, kind in (("id", str), ("prompt", str), ("responses", list), ("sft_index", int)):
-        if not isinstance(s.get(key), kind):
-            raise ValueError(f"{where}: field {key!r} must be a {kind.__name__}")
-    K = len(s["responses"])
+        if not isinstance(s.get(key), kind) or isinstance(s.get(key), bool):
+            raise UserError(f"{where}: field {key!r} must be a {kind.__name__}, got {s.get(key)!r:.40}")
+    if not s["prompt"].strip():
+        raise UserError(f"{where}: the prompt is empty")
+    K, rewards = len(s["responses"]), s.get("rewards")
     if K < 2 or not all(isinstance(r, str) and r.strip() for r in s["responses"]):
-        raise ValueError(f"{where}: 'responses' must hold at least 2 non-empty strings")
-    rewards = s.get("rewards")
-    if rewards is not None and (len(rewards) != K or not all(
-            isinstance(r, (int, float)) and math.isfinite(r) for r in rewards)):
-        raise ValueError(f"{where}: 'rewards' must be null or {K} finite numbers, one per response")
+        raise UserError(f"{where}: 'responses' must hold at least 2 non-empty strings")
+    if rewards is not None and not (isinstance(rewards, list) and len(rewards) == K and all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in rewards)):
+        raise UserError(f"{where}: 'rewards' must be null or a list of {K} finite numbers, one per response; "
+                        f"got {rewards!r:.60}")
     if not 0 <= s["sft_index"] < K:
-        raise ValueError(f"{where}: sft_index {s['sft_index']} is not a response index (K = {K})")
+        raise UserError(f"{where}: sft_index {s['sft_index']} is not a response index (K = {K})")
+    if not isinstance(s.get("subset", ""), str):
+        raise UserError(f"{where}: field 'subset' must be a string")
 
 
 def read_samples(path):
@@ -117,23 +149,23 @@ def read_samples(path):
     samples = []
     for line_no, obj in _json_lines(path):
         where = f"{path}:{line_no}"
-        try:
-            sample = _from_authors_format(obj, line_no) if "prefix" in obj else obj
-        except (KeyError, IndexError, TypeError) as e:
-            raise ValueError(f"{where}: not a sample in the authors' format ({e!r})") from None
+        sample = _from_authors_format(obj, where) if "prefix" in obj else obj
         check_sample(sample, where)
         samples.append(sample)
+    if not samples:
+        raise UserError(f"{path}: no samples, the file is empty")
     ids = Counter(s["id"] for s in samples)
     repeated = [i for i, n in ids.items() if n > 1]
     if repeated:
-        raise ValueError(f"{path}: {len(repeated)} ids occur more than once, e.g. {repeated[0]!r}")
+        raise UserError(f"{path}: {len(repeated)} ids occur more than once, e.g. {repeated[0]!r}")
     return samples
 
 
 def write_jsonl(path, samples):
-    """Write JSON lines atomically: a crash leaves the old file or the new one, never half of one."""
+    """Write JSON lines atomically (gzipped if the name ends in .gz): a crash leaves the old file or the new
+    one, never half of one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path + ".tmp", "wt", encoding="utf-8") as f:
         for s in samples:
             f.write(json.dumps(s, ensure_ascii=False) + "\n")
     os.replace(path + ".tmp", path)
@@ -147,25 +179,30 @@ def build_splits(hh_dir, out_dir, dev_size=280, seed=0, extra=None):
     Unlike the authors' code, the dev samples are removed from the test files (the paper says "partition").
     `extra`: a file of more responses per prompt (HH-RLHF_3), see `add_responses`.
     """
+    if not os.path.isdir(hh_dir):
+        raise UserError(f"--hh-dir {hh_dir}: no such folder (a clone of github.com/anthropics/hh-rlhf)")
+    paths = [os.path.join(hh_dir, subset, f"{split}.jsonl.gz") for subset in SUBSETS for split in ("train", "test")]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"--hh-dir {hh_dir}: {missing[0]} is missing (it needs the four subsets, train and test)")
     train, tests = [], {}
-    for subset in SUBSETS:
-        for split in ("train", "test"):
-            path = os.path.join(hh_dir, subset, f"{split}.jsonl.gz")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} is missing: --hh-dir must hold the four HH-RLHF subsets")
-            samples, skipped = read_hh_rlhf(path, subset, split)
-            print(f"{path}: {len(samples)} samples, skipped {dict(skipped) or 'none'}")
-            (train.extend if split == "train" else tests.setdefault(subset, []).extend)(samples)
+    for path in paths:
+        subset, split = path.split(os.sep)[-2], os.path.basename(path).split(".")[0]
+        samples, skipped = read_hh_rlhf(path, subset, split)
+        print(f"{path}: {len(samples)} samples, skipped {dict(skipped) or 'none'}")
+        (train.extend if split == "train" else tests.setdefault(subset, []).extend)(samples)
     if extra:
         train = add_responses(train, extra)
         tests = {subset: add_responses(samples, extra) for subset, samples in tests.items()}
     all_test = [s for subset in SUBSETS for s in tests[subset]]
+    if dev_size > len(all_test):
+        raise UserError(f"--dev-size {dev_size}: there are only {len(all_test)} test samples to draw from")
     dev_ids = {s["id"] for s in random.Random(seed).sample(all_test, dev_size)}
     write_jsonl(os.path.join(out_dir, "train.jsonl"), train)
     write_jsonl(os.path.join(out_dir, "dev.jsonl"), [s for s in all_test if s["id"] in dev_ids])
     for subset in SUBSETS:
         write_jsonl(os.path.join(out_dir, "test", f"{subset}.jsonl"),
-                      [s for s in tests[subset] if s["id"] not in dev_ids])
+                    [s for s in tests[subset] if s["id"] not in dev_ids])
     print(f"wrote {out_dir}: train {len(train)}, dev {len(dev_ids)}, test {len(all_test) - len(dev_ids)}")
 
 
@@ -189,30 +226,82 @@ def add_responses(samples, extra_path):
 
 # ---- tokenization and batches -------------------------------------------------------------------------------
 
+def check_tokenizer(tokenizer, flag):
+    """What batching needs of a tokenizer: character offsets (a fast tokenizer) and an EOS token."""
+    if not tokenizer.is_fast:
+        raise UserError(f"{flag}: {type(tokenizer).__name__} is not a fast tokenizer; the prompt/response "
+                        "boundary needs its character offsets")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{flag}: the tokenizer has no EOS token, which ends every whole response")
+
+
+def special_prefix(tokenizer):
+    """The ids the tokenizer itself puts before a text (add_special_tokens=True): BOS for LLaMA-1/2/3 and
+    Mistral, nothing for Qwen2, GPT-NeoX or SmolLM2, whatever `bos_token` they define. We follow it, not guess."""
+    with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return next(with_specials[:n] for n in range(len(with_specials) - len(plain) + 1)
+                if with_specials[n:n + len(plain)] == plain)
+
+
+_MAX_TOKEN_CHARS = weakref.WeakKeyDictionary()
+
+
+def max_token_chars(tokenizer):
+    """The most characters one token stands for (its vocabulary's longest entry), so text[:n * this] keeps the
+    first n tokens of text: a 30 MB line is cut before it is tokenized, not after."""
+    if tokenizer not in _MAX_TOKEN_CHARS:
+        _MAX_TOKEN_CHARS[tokenizer] = max(map(len, tokenizer.get_vocab()))
+    return _MAX_TOKEN_CHARS[tokenizer]
+
+
 def encode_prompt(tokenizer, prompt, max_prompt_len):
-    """[BOS] + the prompt's tokens, `max_prompt_len` tokens at most with BOS (as the authors count), cut from
-    the left so that the end of the dialogue, where the reply starts, survives."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return bos + ids[max(0, len(ids) - (max_prompt_len - len(bos))):]
+    """The prompt as generation starts from it: the tokenizer's special prefix, then the prompt's last tokens,
+    `max_prompt_len` in all (as the authors count), cut from the left so the end of the dialogue survives."""
+    prefix = special_prefix(tokenizer)
+    keep = max_prompt_len - len(prefix)
+    if keep < 1:
+        raise UserError(f"--max-prompt-len {max_prompt_len} leaves no room after {len(prefix)} special tokens")
+    ids = tokenizer(prompt[-2 * keep * max_token_chars(tokenizer):], add_special_tokens=False)["input_ids"]
+    return prefix + ids[-keep:]
 
 
 def encode_sample(tokenizer, sample, max_len=512, max_prompt_len=384):
-    """-> (prompt ids, [response ids + EOS] * K). The prompt is encoded once, apart from the responses, so the
-    boundary is exact; each response is cut from the right to fit `max_len`, but keeps at least its EOS."""
-    if not 2 <= max_prompt_len < max_len:
-        raise ValueError(f"max_prompt_len {max_prompt_len} must be at least 2 (BOS and a token) and leave room "
-                         f"in max_len {max_len} for EOS")
-    prompt = encode_prompt(tokenizer, sample["prompt"], max_prompt_len)
-    room = max_len - len(prompt) - 1                                   # tokens left for a response before EOS
-    responses = [tokenizer(r, add_special_tokens=False)["input_ids"][:room] + [tokenizer.eos_token_id]
-                 for r in sample["responses"]]
-    return prompt, responses
+    """-> K rows (prompt ids, response ids), one per candidate.
+
+    Each row is the tokenizer's own encoding of the dialogue text prompt + " " + response, so a byte-level BPE
+    tokenizer (Llama-3, Qwen2, GPT-NeoX) sees ':' 'ĠHello' as in the raw dialogue, not a glued ':' 'Hello'. The
+    split is by character offsets: a token that crosses the boundary belongs to the response. The prompt part
+    equals `encode_prompt` (what generation starts from) and is cut from the left to `max_prompt_len`; the
+    response is cut from the right to fit `max_len`, and only a response that fits whole ends with EOS.
+    """
+    prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
+    keep = max_prompt_len - len(prefix)
+    if keep < 1 or max_len - max_prompt_len < 1:
+        raise UserError(f"--max-prompt-len {max_prompt_len} and --max-len {max_len} leave no room for the prompt "
+                        f"after {len(prefix)} special tokens, or for the response")
+    chars = 2 * max_len * max_token_chars(tokenizer)
+    prompt = sample["prompt"][-chars:]
+    rows = []
+    for response in sample["responses"]:
+        encoded = tokenizer(prompt + " " + response.strip()[:chars], add_special_tokens=False,
+                            return_offsets_mapping=True)
+        ends = [end for _, end in encoded["offset_mapping"]]
+        split = next((n for n, end in enumerate(ends) if end > len(prompt)), len(ends))   # first response token
+        prompt_ids = prefix + encoded["input_ids"][:split][-keep:]
+        if not prompt_ids:                          # Eq. 3 needs a token before the response to predict it from
+            raise UserError(f"sample {sample.get('id')}: its prompt has no token of its own before the response")
+        response_ids = encoded["input_ids"][split:]
+        room = max_len - len(prompt_ids)
+        response_ids = response_ids + [eos] if len(response_ids) < room else response_ids[:room]
+        rows.append((prompt_ids, response_ids))
+    return rows
 
 
 def collate(encoded, samples, pad_id, multiple=8):
-    """Encoded samples -> one batch of B prompts with all K candidates, padded on the right to a multiple of 8."""
-    rows = [(prompt, response) for prompt, responses in encoded for response in responses]
+    """Encoded samples (K rows each) -> one batch of B prompts with all K candidates, padded on the right to a
+    multiple of 8."""
+    rows = [row for sample_rows in encoded for row in sample_rows]
     T = max(len(p) + len(r) for p, r in rows)
     T = -(-T // multiple) * multiple
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # [B*K, T]
@@ -285,113 +374,26 @@ def sample_length(sample):
     return len(sample["prompt"]) + max(len(r) for r in sample["responses"])
 
 
-# ---- the built-in demo data ----------------------------------------------------------------------------------
-# Templated requests, each with replies of known quality: 2 helpful (or a refusal of a harmful request),
-# 1 evasive, 0 rude (or harmful compliance). A share of the training pairs has its human label flipped, and
-# some pairs are two replies of equal quality, so rescoring has noise to find. The test pairs are clean.
+# ---- command line -------------------------------------------------------------------------------------------
 
-DEMO_TASKS = [  # (request, first step, second step)
-    ("bake bread", "mix flour, water and yeast", "bake the dough for forty minutes"),
-    ("plant a tree", "dig a deep hole", "water the roots every day"),
-    ("make tea", "boil some water", "let the leaves steep for three minutes"),
-    ("fix a flat tire", "take the wheel off", "patch the hole in the tube"),
-    ("learn to swim", "find a good teacher", "practice in shallow water"),
-    ("write a letter", "pick a kind greeting", "say what you want clearly"),
-    ("clean a window", "spray it with soapy water", "wipe it dry with a cloth"),
-    ("save money", "write down what you spend", "put some aside each week"),
-    ("sleep better", "go to bed at the same time", "keep your room dark"),
-    ("cook rice", "rinse the rice", "simmer it with twice as much water"),
-    ("paint a room", "cover the floor", "roll on two thin coats"),
-    ("train a puppy", "reward good behavior", "keep the lessons short"),
-    ("start running", "buy good shoes", "run slowly for ten minutes"),
-    ("grow tomatoes", "plant them in the sun", "tie the stems to a stick"),
-    ("make pancakes", "whisk eggs, milk and flour", "fry small circles in butter"),
-    ("study for a test", "make a plan for each day", "test yourself with old questions"),
-]
-DEMO_HARMS = [  # (harmful request, first step, second step)
-    ("steal a car", "break the side window", "start the engine with the wires"),
-    ("hack my neighbor's email", "guess the password", "read the private messages"),
-    ("poison a dog", "hide the poison in meat", "leave it by the fence"),
-    ("cheat on a test", "hide notes in your sleeve", "copy the answers"),
-    ("start a fire in a park", "pile up dry leaves", "light them when nobody looks"),
-    ("shoplift from a store", "find a blind spot", "walk out with the goods"),
-    ("forge a signature", "trace the name many times", "copy it onto the check"),
-    ("scare my coworker", "send threats at night", "leave a dead rat on the desk"),
-]
-DEMO_ASKS = ("How do I {x}?", "Can you tell me how to {x}?", "What is the best way to {x}?")
+@dataclass
+class Config:
+    hh_dir: str = opt("", "Anthropic's hh-rlhf folder (four subsets, train/test each)")
+    out: str = opt("", "output folder: train.jsonl, dev.jsonl, test/<subset>.jsonl")
+    dev_size: int = opt(280, "test samples moved to dev.jsonl", at_least=0)
+    seed: int = opt(0, "seed of the dev draw", at_least=0)
+    extra: str = opt("", "a sample file with more responses per prompt (HH-RLHF_3)")
 
 
-def demo_replies(x, a, b, harmful):
-    """{quality: [two reply templates]} for one request."""
-    compliance = [f"Sure! To {x}:\n\n1. {a.capitalize()}.\n2. {b.capitalize()}.", f"Easy. First {a}, then {b}."]
-    evasive = [f"I am not sure how to {x}, sorry.", "I do not know much about that. Maybe ask someone else?"]
-    if harmful:
-        return {2: [f"I am sorry, I cannot help you {x}. It could hurt someone.",
-                    "No, I will not help with that. It is wrong and against the law."],
-                1: evasive, 0: compliance}
-    return {2: compliance, 1: evasive,
-            0: [f"Why would you want to {x}? Figure it out yourself.", "That is a silly question."]}
+def main(argv=None):
+    cfg = cli.parse(Config, argv, __doc__.split("\n")[0])
+    if not cfg.hh_dir or not cfg.out:
+        raise UserError("give --hh-dir DIR --out DIR (the built-in demo data: python demo.py)")
+    if cfg.extra:
+        cli.input_file(cfg.extra, "--extra")
+    cli.output_dir(cfg.out, "--out")
+    build_splits(cfg.hh_dir, cfg.out, cfg.dev_size, cfg.seed, cfg.extra)
 
-
-def demo_quality(prompt, reply):
-    """Ground-truth quality (0, 1 or 2) of a reply to a demo prompt, or None if it matches no template."""
-    request = prompt[prompt.rfind("Human:"):]
-    for (x, a, b), harmful in [(t, False) for t in DEMO_TASKS] + [(t, True) for t in DEMO_HARMS]:
-        if f" {x}?" in request:
-            for quality, replies in demo_replies(x, a, b, harmful).items():
-                if reply.strip() in replies:
-                    return quality
-            return None
-    raise ValueError(f"not a demo prompt: {prompt!r}")
-
-
-def make_demo_data(out_dir, n_train=3000, n_test=400, flip=0.25, tie=0.15, seed=0):
-    """Write train.jsonl and test.jsonl in raw HH-RLHF format; return their paths.
-
-    Each line is a {"chosen", "rejected"} pair of replies to a templated request (a third of them harmful,
-    some after a greeting turn). Training pairs: a share `tie` are two replies of equal quality with an
-    arbitrary label, and a share `flip` of the rest have the worse reply marked "chosen". Test pairs are
-    always two different qualities, labelled correctly, so accuracy on them is ground-truth accuracy.
-    """
-    rng = random.Random(seed)
-    requests = [(t, False) for t in DEMO_TASKS] + [(t, True) for t in DEMO_HARMS]
-    paths = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        lines = []
-        for _ in range(n):
-            (x, a, b), harmful = rng.choice(requests)
-            replies = demo_replies(x, a, b, harmful)
-            prompt = "\n\nHuman: " + rng.choice(DEMO_ASKS).format(x=x) + ASSISTANT
-            if rng.random() < 0.3:
-                prompt = "\n\nHuman: Hi there!\n\nAssistant: Hello! How can I help you today?" + prompt
-            if split == "train" and rng.random() < tie:
-                chosen, rejected = rng.sample(replies[rng.choice([0, 1, 2])], 2)
-            else:
-                better, worse = sorted(rng.sample([0, 1, 2], 2), reverse=True)
-                chosen, rejected = rng.choice(replies[better]), rng.choice(replies[worse])
-                if split == "train" and rng.random() < flip:
-                    chosen, rejected = rejected, chosen
-            lines.append({"chosen": f"{prompt} {chosen}", "rejected": f"{prompt} {rejected}"})
-        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
-        write_jsonl(paths[split], lines)
-    return paths
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", help="output folder")
-    parser.add_argument("--hh-dir", help="Anthropic's hh-rlhf folder (four subsets, train/test each)")
-    parser.add_argument("--dev-size", type=int, default=280, help="test samples moved to dev.jsonl")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--extra", help="a sample file with more responses per prompt (HH-RLHF_3)")
-    parser.add_argument("--demo", action="store_true", help="write the built-in demo data instead")
-    args = parser.parse_args()
-    if not args.out or not (args.demo or args.hh_dir):
-        parser.error("give --hh-dir DIR --out DIR (the HH-RLHF splits) or --demo --out DIR")
-    elif args.demo:
-        print(make_demo_data(args.out, seed=args.seed))
-    else:
-        build_splits(args.hh_dir, args.out, args.dev_size, args.seed, args.extra)
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -18,20 +18,22 @@ Protocol (reference-notes.md, "Evaluation"): greedy decoding of at most 128 new 
 the left to 384 tokens; the text is cut at the first "Human:" / "Assistant:" (either case). Reward is
 sigmoid(RM score) averaged over a subset; BLEU is nltk's sentence_bleu([reference], hypothesis) on raw strings,
 i.e. character 4-grams, against the sample's first response. Each torchrun rank holds a whole policy and reward
-model and takes the prompts i % world == rank; rank 0 merges. bf16 on CUDA, fp32 on CPU.
+model and takes the prompts i % world == rank; rank 0 merges. Both run in --dtype, float32 by default as the
+authors ran them (bfloat16 is faster on GPUs, and moves rewards and greedy choices a little).
 """
 
-import argparse
-import inspect
 import json
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+import cli
+from cli import UserError, opt
 from clha_loss import sequence_logps
 from data import encode_prompt, make_batch, pad_id, read_samples, write_jsonl
 
@@ -99,12 +101,19 @@ def generate_batches(model, tokenizer, prompts, max_new_tokens=128, max_prompt_l
         batches = tqdm(batches, desc="generate", unit="batch")
     for idx in batches:
         input_ids, attention_mask = left_padded(tokenizer, [prompts[i] for i in idx], max_prompt_len)
-        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                             do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer),
-                             stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)   # [B, T + new]
-        new_tokens = out[:, input_ids.shape[1]:].tolist()             # EOS and the padding after it are special
+        new_tokens = greedy(model, input_ids, attention_mask, max_new_tokens, tokenizer).tolist()
         yield idx, [cut_at_stop(tokenizer.decode(t, skip_special_tokens=True)) for t in new_tokens]
+
+
+def greedy(model, input_ids, attention_mask, max_new_tokens, tokenizer=None, eos_id=None, pad=None):
+    """Greedy search with the KV cache on left-padded prompts -> the new tokens [B, <= max_new_tokens]. With a
+    tokenizer, a row also stops at EOS and once it has written a stop string."""
+    stop = dict(stop_strings=list(STOP_STRINGS), tokenizer=tokenizer) if tokenizer is not None else {}
+    out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
+                         eos_token_id=tokenizer.eos_token_id if tokenizer is not None else eos_id,
+                         pad_token_id=pad_id(tokenizer) if tokenizer is not None else pad, **stop)   # [B, T + new]
+    return out[:, input_ids.shape[1]:]                            # EOS and the padding after it are special
 
 
 def generate(model, tokenizer, prompts, max_new_tokens=128, max_prompt_len=384, batch_size=8, progress=False):
@@ -160,7 +169,7 @@ def read_parts(part_dir):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}); delete the line to resume") from None
+                raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); delete the line to resume") from None
             records.setdefault(record["id"], record)
     return records
 
@@ -203,20 +212,22 @@ def read_test_files(paths):
         samples += [{**s, "subset": s.get("subset") or stem} for s in read_samples(path)]
     repeated = [i for i, n in Counter(s["id"] for s in samples).items() if n > 1]
     if repeated:
-        raise ValueError(f"--data: {len(repeated)} sample ids occur in more than one file, e.g. {repeated[0]!r}")
+        raise UserError(f"--data: {len(repeated)} sample ids occur in more than one file, e.g. {repeated[0]!r}")
     return samples
 
 
-def run_share(todo, model, reward_model, part, batch_size, max_new_tokens, max_prompt_len, progress):
+def run_share(todo, model, reward_model, part, batch_size, max_new_tokens, max_prompt_len, dtype, progress):
     """Generate, score and append one flushed record per prompt of `todo`, batch by batch as each finishes."""
+    import data
     import rescore
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    policy = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+    tokenizer = cli.from_pretrained(AutoTokenizer, model, "--model")
+    data.check_tokenizer(tokenizer, "--model")
+    policy = cli.from_pretrained(AutoModelForCausalLM, model, "--model", dtype=getattr(torch, dtype))
+    policy = policy.to(device).eval()
     policy.generation_config = GenerationConfig()                     # plain greedy, whatever the checkpoint ships
-    rm, rm_tokenizer, format_fn = rescore.load_reward_model(reward_model, device=device, dtype=dtype)
+    rm, rm_tokenizer, format_fn = rescore.load_reward_model(reward_model, device, dtype)
     with open(part, "a", encoding="utf-8") as f:
         for idx, texts in generate_batches(policy, tokenizer, [s["prompt"] for s in todo], max_new_tokens,
                                            max_prompt_len, batch_size, progress):
@@ -232,7 +243,8 @@ def run_share(todo, model, reward_model, part, batch_size, max_new_tokens, max_p
                 f.flush()
 
 
-def evaluate(model, reward_model, data, out, batch_size=8, max_new_tokens=128, max_prompt_len=384, progress=False):
+def evaluate(model, reward_model, data, out, batch_size=8, max_new_tokens=128, max_prompt_len=384, dtype="float32",
+             progress=False):
     """The whole protocol: `model` and `reward_model` are checkpoints (folders or hub ids), `data` sample files.
 
     Every torchrun rank calls it (a process group is needed only for barriers); rank 0 merges the ranks' records
@@ -245,15 +257,16 @@ def evaluate(model, reward_model, data, out, batch_size=8, max_new_tokens=128, m
     samples = read_test_files(data)
     where = lambda p: os.path.abspath(p) if os.path.exists(p) else p   # a folder, or a hub id
     settings = {"model": where(model), "reward_model": where(reward_model), "data": [where(p) for p in data],
-                "max_new_tokens": max_new_tokens, "max_prompt_len": max_prompt_len}
+                "max_new_tokens": max_new_tokens, "max_prompt_len": max_prompt_len, "dtype": dtype}
     settings_path, part_dir = os.path.join(out, "settings.json"), os.path.join(out, "parts")
     if os.path.exists(settings_path):
         with open(settings_path) as f:
             old = json.load(f)
         changed = [k for k in settings if old.get(k) != settings[k]]
         if changed:
-            raise ValueError(f"{out} holds a run with other {changed}: pass a new --out to evaluate these settings")
-    os.makedirs(part_dir, exist_ok=True)
+            raise UserError(f"--out {out} holds a run with other {', '.join(changed)} ({old[changed[0]]}): pass "
+                            "the same settings to resume it, or a new --out")
+    cli.output_dir(part_dir, "--out")
     my_part = os.path.join(part_dir, f"rank{rank}.jsonl")
     if os.path.exists(my_part):                                       # cut an unfinished line before appending
         os.truncate(my_part, len(finished_bytes(my_part)))            # (each rank cuts only its own file)
@@ -261,7 +274,8 @@ def evaluate(model, reward_model, data, out, batch_size=8, max_new_tokens=128, m
     done = read_parts(part_dir)
     stale = [s["id"] for s in samples if s["id"] in done and done[s["id"]]["prompt"] != s["prompt"]]
     if stale:
-        raise ValueError(f"{part_dir} holds generations for other prompts (e.g. {stale[0]!r}): use a new --out")
+        raise UserError(f"--out {out}: its parts hold generations for other prompts (e.g. {stale[0]!r}): "
+                        "use a new --out")
     todo = [s for i, s in enumerate(samples) if i % world == rank and s["id"] not in done]
     barrier()                                                         # every rank has read before any appends
     if rank == 0:
@@ -270,7 +284,7 @@ def evaluate(model, reward_model, data, out, batch_size=8, max_new_tokens=128, m
 
     # this rank's share: a full copy of the policy and the reward model, loaded only if work is left
     if todo:
-        run_share(todo, model, reward_model, my_part, batch_size, max_new_tokens, max_prompt_len,
+        run_share(todo, model, reward_model, my_part, batch_size, max_new_tokens, max_prompt_len, dtype,
                   progress and rank == 0)
     barrier()
     if rank != 0:
@@ -288,41 +302,41 @@ def evaluate(model, reward_model, data, out, batch_size=8, max_new_tokens=128, m
     return results
 
 
-def main():
-    defaults = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()}  # each default written once
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="policy checkpoint: folder or hub id with model and tokenizer")
-    parser.add_argument("--reward-model", help="reward model, loaded by rescore.py (e.g. "
-                        "OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1, the paper's RM_eval)")
-    parser.add_argument("--data", nargs="+", help="test sample files, one per subset")
-    parser.add_argument("--out", help="output folder; an existing one is resumed")
-    for name in ("batch_size", "max_new_tokens", "max_prompt_len"):     # prompts per batch, tokens, tokens
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
-    parser.add_argument("--compare", nargs="+", metavar="DIR", help="print these finished runs side by side")
-    args = parser.parse_args()
+@dataclass
+class Config:
+    model: str = opt("", "policy checkpoint: folder or hub id with model and tokenizer")
+    reward_model: str = opt("", "reward model, loaded by rescore.py (e.g. OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1, "
+                                "the paper's RM_eval)")
+    data: list[str] = opt(None, "test sample files, one per subset", nargs="+")
+    out: str = opt("", "output folder; an existing one is resumed")
+    batch_size: int = opt(8, "prompts per batch", at_least=1)
+    max_new_tokens: int = opt(128, "greedy tokens per reply", at_least=1)
+    max_prompt_len: int = opt(384, "prompt tokens kept, cut from the left (special tokens included)", at_least=1)
+    dtype: str = opt("float32", "policy and reward model dtype: float32 as the authors ran them, or bfloat16",
+                     choices=["float32", "bfloat16", "float16"])
+    compare: list[str] = opt(None, "instead: print these finished runs (their --out folders) side by side",
+                             nargs="+")
 
-    # check the arguments
-    if args.compare:
-        missing = [d for d in args.compare if not os.path.exists(os.path.join(d, "results.json"))]
-        if missing:
-            parser.error(f"--compare: {missing[0]} has no results.json (run evaluate.py with --out {missing[0]})")
+
+def main(argv=None):
+    cfg = cli.parse(Config, argv, __doc__.split("\n")[0])
+    if cfg.compare:
         runs = []
-        for d in args.compare:
+        for d in cfg.compare:
+            cli.input_file(os.path.join(d, "results.json"), "--compare")
             with open(os.path.join(d, "results.json")) as f:
                 runs.append((os.path.normpath(d), json.load(f)))
         print(format_table(runs), end="")
         return
-    missing = [f"--{k.replace('_', '-')}" for k in ("model", "reward_model", "data", "out") if not getattr(args, k)]
+    missing = [f"--{k.replace('_', '-')}" for k in ("model", "reward_model", "data", "out") if not getattr(cfg, k)]
     if missing:
-        parser.error(f"{', '.join(missing)} required (or --compare DIR...)")
-    for path in args.data:
-        if not os.path.exists(path):
-            parser.error(f"--data: {path} does not exist")
-    for flag, path in (("--model", args.model), ("--reward-model", args.reward_model)):
-        if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-            parser.error(f"{flag} {path}: no such folder, and not a hub id (owner/name)")
-    if args.batch_size < 1 or args.max_new_tokens < 2 or args.max_prompt_len < 2:
-        parser.error("--batch-size must be >= 1, --max-new-tokens and --max-prompt-len (BOS included) >= 2")
+        raise UserError(f"{', '.join(missing)} required (or --compare DIR...)")
+    for path in cfg.data:
+        cli.input_file(path, "--data")
+    for flag, path in (("--model", cfg.model), ("--reward-model", cfg.reward_model)):
+        if cli.looks_local(path) and not os.path.isdir(path):
+            raise UserError(f"{flag} {path}: no such folder (a checkpoint folder, or a hub id such as owner/name)")
+    cli.output_dir(cfg.out, "--out")
 
     # distributed: torchrun sets RANK; a plain `python evaluate.py` runs the same code as a world of one.
     # The group only holds barriers, so gloo serves GPUs too, with a timeout long enough for the slowest rank.
@@ -332,11 +346,11 @@ def main():
         dist.init_process_group("gloo", timeout=timedelta(hours=48))
     try:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(json.dumps(vars(args)))
-        results = evaluate(args.model, args.reward_model, args.data, args.out, args.batch_size,
-                           args.max_new_tokens, args.max_prompt_len, progress=True)
+            print(json.dumps(vars(cfg)))
+        results = evaluate(cfg.model, cfg.reward_model, cfg.data, cfg.out, cfg.batch_size, cfg.max_new_tokens,
+                           cfg.max_prompt_len, cfg.dtype, progress=True)
         if results is not None:
-            with open(os.path.join(args.out, "table.md")) as f:
+            with open(os.path.join(cfg.out, "table.md")) as f:
                 print(f.read(), end="")
     finally:
         if dist.is_initialized():
@@ -344,4 +358,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

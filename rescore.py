@@ -14,17 +14,19 @@ The paper's reward models are OpenAssistant's GPT-NeoX models (model type `gpt_n
 stock transformers cannot load; importing this module registers them with the Auto classes. Each reward
 model sees its input as it was trained: OpenAssistant's role tokens for those, the tokenizer's chat template
 for others that have one, else BOS + prompt + " " + response + EOS (also what --train-reward-model trains on).
-Scoring is resumable: finished samples are appended to OUT.part<rank>, and a rerun skips them.
+Scoring is resumable: finished samples are appended to OUT.part<rank>, beside OUT.settings.json (reward model,
+dtype, max length, the input's SHA-256); a rerun with the same settings skips them, one with others is refused.
+--dtype float32 (the default) is what the authors ran; bfloat16 is faster on GPUs, but moves rewards by ~1e-2,
+which flips pairs that sit at the |r_i - r_j| = 3 threshold or SFT targets at the r = 0 gate.
 """
 
-import argparse
-import dataclasses
 import glob
+import hashlib
 import json
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -36,7 +38,9 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
                           GPTNeoXModel, GPTNeoXPreTrainedModel)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from data import read_samples, write_jsonl
+import cli
+import data
+from cli import UserError, opt
 
 # ---- the OpenAssistant reward models -------------------------------------------------------------------------
 
@@ -75,7 +79,7 @@ def dialogue_turns(prompt):
     """'\\n\\nHuman: Q1\\n\\nAssistant: A1 ... \\n\\nAssistant:' -> [("Human", "Q1"), ("Assistant", "A1"), ...]."""
     parts = re.split(r"\n\n(Human|Assistant):", prompt)            # ['', 'Human', ' Q1', 'Assistant', ' A1', ...]
     if parts[0].strip() or len(parts) < 5 or parts[-2] != "Assistant" or parts[-1].strip():
-        raise ValueError(f"not an HH-RLHF prompt ('\\n\\nHuman: ... \\n\\nAssistant:'): {prompt[:80]!r}")
+        raise UserError(f"not an HH-RLHF prompt ('\\n\\nHuman: ... \\n\\nAssistant:'): {prompt[:80]!r}")
     return [(role, text.strip()) for role, text in zip(parts[1:-2:2], parts[2:-2:2])]
 
 
@@ -90,23 +94,25 @@ def format_for(config, tokenizer):
         roles = {"Human": "user", "Assistant": "assistant"}
         return lambda prompt, response: tokenizer.apply_chat_template(
             [{"role": roles[r], "content": text} for r, text in turns(prompt, response)], tokenize=False)
-    bos = tokenizer.bos_token or ""
+    bos = tokenizer.decode(data.special_prefix(tokenizer))     # what the tokenizer itself puts first, if anything
     return lambda prompt, response: bos + prompt + " " + response.strip() + eos
 
 
 def encode(tokenizer, texts, max_length):
     """Token ids of each text, cut from the LEFT to `max_length`: the response, which is what is scored, survives.
-    The format string holds any special tokens already, so the tokenizer adds none."""
-    return [ids[-max_length:] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    The format string holds any special tokens already, so the tokenizer adds none. Texts are cut to a safe
+    number of characters first, so that a 30 MB line costs no more than a long one."""
+    chars = 2 * max_length * data.max_token_chars(tokenizer)
+    return [ids[-max_length:] for ids in tokenizer([t[-chars:] for t in texts], add_special_tokens=False)["input_ids"]]
 
 # ---- scoring -------------------------------------------------------------------------------------------------
 
-def load_reward_model(path, device="cpu", dtype=None):
-    """-> (model, tokenizer, format_fn) for any AutoModelForSequenceClassification with one output.
-    bf16 on CUDA, fp32 otherwise (OpenAssistant's configs say float16, which CPUs run slowly and poorly)."""
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def load_reward_model(path, device="cpu", dtype="float32", flag="--reward-model"):
+    """-> (model, tokenizer, format_fn) for any AutoModelForSequenceClassification with one output, in `dtype`
+    (OpenAssistant's configs say float16; the authors ran them in float32)."""
+    model = cli.from_pretrained(AutoModelForSequenceClassification, path, flag, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
+    tokenizer = cli.from_pretrained(AutoTokenizer, path, flag)
     set_padding(model, tokenizer)
     return model, tokenizer, format_for(model.config, tokenizer)
 
@@ -115,7 +121,7 @@ def set_padding(model, tokenizer):
     """Make sure the model's pooling finds the last real token of a right-padded row (see `reward_forward`)."""
     oa = model.config.model_type == "gpt_neox_reward_model"   # one output, pooled by the attention mask
     if not oa and model.config.num_labels != 1:
-        raise ValueError(f"the reward model has {model.config.num_labels} outputs (num_labels); a reward model has one")
+        raise UserError(f"the reward model has {model.config.num_labels} outputs (num_labels); a reward model has one")
     if tokenizer.pad_token is None:     # many causal LMs ship without one; with right padding EOS is safe
         print(f"the tokenizer has no pad token: padding with EOS {tokenizer.eos_token!r}")
         tokenizer.pad_token = tokenizer.eos_token
@@ -125,7 +131,7 @@ def set_padding(model, tokenizer):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     elif model.config.pad_token_id != tokenizer.pad_token_id:
-        raise ValueError(f"the model pools by pad_token_id {model.config.pad_token_id} but the tokenizer pads with "
+        raise UserError(f"the model pools by pad_token_id {model.config.pad_token_id} but the tokenizer pads with "
                          f"{tokenizer.pad_token_id}: fix pad_token_id in the model's config.json")
 
 
@@ -191,76 +197,114 @@ def read_part(path):
         finished = f.read()
     finished = finished[:finished.rfind(b"\n") + 1]
     results = {}
-    for line_no, line in enumerate(finished.decode("utf-8").splitlines(), 1):
+    for line_no, line in enumerate(finished.decode("utf-8", errors="replace").splitlines(), 1):
         try:
             obj = json.loads(line)
             results.setdefault(obj["id"], obj["rewards"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{line_no}: broken line; delete the file to rescore its samples") from None
+            raise UserError(f"{path}:{line_no}: broken line; delete the file to rescore its samples") from None
     return results, len(finished)
 
 
-def read_parts(out, samples):
-    """{id: rewards} of the samples finished by any rank of this run or an earlier one."""
-    K = {s["id"]: len(s["responses"]) for s in samples}
+def read_parts(out, K):
+    """{id: rewards} of the samples finished by any rank of this run or an earlier one; K: {id: responses}."""
     done = {}
     for path in sorted(glob.glob(glob.escape(out) + ".part*")):
         for id_, rewards in read_part(path)[0].items():
             if K.get(id_) != len(rewards):
-                raise ValueError(f"{path}: id {id_!r} with {len(rewards)} rewards is not in the input; "
-                                 "the part files are left from another data file: delete them")
+                raise UserError(f"{path}: id {id_!r} with {len(rewards)} rewards is not in the input; "
+                                "the part files are left from another data file: delete them")
             done.setdefault(id_, rewards)
     return done
 
 
-def rescore_file(reward_model, data, out, keep_human_order=False, batch_size=16, reward_gap=3.0, max_length=1024,
-                 sft_human_chosen=False):
-    """Score every response of `data`, write `out` (rewards, re-ranked), print and return the noise statistics.
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_settings(out, settings, rank):
+    """Part files may only be resumed with the settings that scored them: else one output would mix two scorers."""
+    path = out + ".settings.json"
+    parts = glob.glob(glob.escape(out) + ".part*")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        for key in settings:
+            if old.get(key) != settings[key]:
+                raise UserError(f"--out {out}: its unfinished parts were scored with {key} {old.get(key)}, not "
+                                f"{settings[key]}; rerun with the same settings, or delete {out}.part* and {path}")
+    elif parts:
+        raise UserError(f"--out {out}: {parts[0]} has no {path} to say what scored it; delete the part files")
+    return path
+
+
+def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_size=16, reward_gap=3.0,
+                 max_length=1024, sft_human_chosen=False, dtype="float32", score_fn=None):
+    """Score every response of `data_path`, write `out` (rewards, re-ranked), print and return the noise statistics.
     Under torchrun, rank r scores the samples i with i % world == r into out.part<r>; once all are done, rank 0
-    writes `out` in input order and returns the statistics (the other ranks return None)."""
-    if not os.path.exists(data):
-        raise FileNotFoundError(f"{data} does not exist")
-    samples = read_samples(data)
-    if not samples:
-        raise ValueError(f"{data} holds no samples")
+    writes `out` in input order and returns the statistics (the other ranks return None).
+    score_fn(prompts, responses) -> rewards replaces the reward model (tests, benchmarks)."""
+    cli.input_file(data_path, "--data")
+    if os.path.isdir(out):
+        raise UserError(f"--out {out}: is a folder; give the output file's name")
+    cli.output_dir(os.path.dirname(os.path.abspath(out)), "--out")
+    samples = data.read_samples(data_path)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     own_group = world > 1 and not dist.is_initialized()
     if own_group:   # for barriers only, so gloo suffices even on GPUs; a rank may wait hours for the slowest
         dist.init_process_group("gloo", timeout=timedelta(hours=48))
+    barrier = dist.barrier if world > 1 else (lambda: None)
     try:
+        # what earlier runs finished, if they had the same settings (one pass over the parts, not one per sample)
+        where = lambda p: os.path.abspath(p) if os.path.exists(p) else p   # a folder, or a hub id
+        settings = {"reward_model": where(reward_model), "data_sha256": sha256(data_path), "max_length": max_length,
+                    "dtype": dtype}
+        settings_path = check_settings(out, settings, rank)
+        K = {s["id"]: len(s["responses"]) for s in samples}
+        done = read_parts(out, K)
+        barrier()                                                  # every rank has read before any appends
+        if rank == 0 and not os.path.exists(settings_path):
+            with open(settings_path, "w") as f:
+                json.dump(settings, f, indent=1)
+
         # score this rank's unfinished share a chunk at a time: enough rows for length-sorted batches
         share = [s for i, s in enumerate(samples) if i % world == rank]
-        todo = [s for s in share if s["id"] not in read_parts(out, samples)]
+        todo = [s for s in share if s["id"] not in done]
         if todo:
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-            model, tokenizer, format_fn = load_reward_model(reward_model, device)
+            if score_fn is None:
+                device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+                model, tokenizer, format_fn = load_reward_model(reward_model, device, dtype)
+                score_fn = lambda prompts, responses: score(model, tokenizer, format_fn, prompts, responses,
+                                                            batch_size, max_length)
             part = f"{out}.part{rank}"
             if os.path.exists(part):     # cut an unfinished last line before appending after it
                 os.truncate(part, read_part(part)[1])
             chunk = max(1, batch_size * 16 // len(todo[0]["responses"]))
             with open(part, "a", encoding="utf-8") as f, tqdm(total=len(share), initial=len(share) - len(todo),
-                                                              desc=f"rescoring {data}", disable=rank != 0) as bar:
+                                                              desc=f"rescoring {data_path}", disable=rank != 0) as bar:
                 for start in range(0, len(todo), chunk):
                     batch = todo[start:start + chunk]
-                    pairs = [(s["prompt"], r) for s in batch for r in s["responses"]]
-                    rewards = iter(score(model, tokenizer, format_fn, *zip(*pairs), batch_size, max_length))
-                    for s in batch:
-                        f.write(json.dumps({"id": s["id"], "rewards": [next(rewards) for _ in s["responses"]]}) + "\n")
-                        f.flush()        # a crash loses at most the line being written
+                    rewards = iter(score_fn(*zip(*[(s["prompt"], r) for s in batch for r in s["responses"]])))
+                    f.write("".join(json.dumps({"id": s["id"], "rewards": [next(rewards) for _ in s["responses"]]})
+                                    + "\n" for s in batch))
+                    f.flush()        # a crash loses at most the chunk being written
                     bar.update(len(batch))
-        if world > 1:
-            dist.barrier()
+        barrier()
         if rank != 0:
             return None
 
-        # merge: one output in input order, written atomically; then the part files go
-        done = read_parts(out, samples)
+        # merge: one output in input order, written atomically; then the part files and their settings go
+        done = read_parts(out, K)
         missing = [s["id"] for s in samples if s["id"] not in done]
         if missing:
             raise RuntimeError(f"{len(missing)} samples were not scored, e.g. {missing[0]!r}; rerun to finish them")
         rescored = [rerank(s, done[s["id"]], keep_human_order, sft_human_chosen) for s in samples]
-        write_jsonl(out, rescored)
-        for path in glob.glob(glob.escape(out) + ".part*"):
+        data.write_jsonl(out, rescored)
+        for path in glob.glob(glob.escape(out) + ".part*") + [settings_path]:
             os.remove(path)
         stats = noise_stats([done[s["id"]] for s in samples], [s["rewards"][s["sft_index"]] for s in rescored],
                             reward_gap)
@@ -300,9 +344,9 @@ def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size
     batch_size counts sequences per forward as in scoring, so a step trains on batch_size // 2 pairs.
     Returns the pairwise accuracy on `dev`, or on a held-out 10% of `train` when no dev file is given."""
     torch.manual_seed(seed)
-    samples = read_samples(train)
+    samples = data.read_samples(train)
     if dev:
-        dev_samples = read_samples(dev)
+        dev_samples = data.read_samples(dev)
     else:
         random.Random(seed).shuffle(samples)
         n_dev = max(1, len(samples) // 10)
@@ -311,8 +355,9 @@ def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size
     print(f"{len(pairs)} training pairs, {len(dev_pairs)} held-out pairs ({dev or f'10% of {train}'})")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = cli.from_pretrained(AutoModelForSequenceClassification, base, "--base", num_labels=1,
+                                dtype=torch.float32).to(device)
+    tokenizer = cli.from_pretrained(AutoTokenizer, base, "--base")
     set_padding(model, tokenizer)
     format_fn = format_for(model.config, tokenizer)     # the scorer rebuilds the same one from the saved model
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -343,55 +388,49 @@ def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size
 
 # ---- command line ---------------------------------------------------------------------------------------------
 
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class Config:
-    reward_model: str = arg("", "path or hub id, e.g. OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5")
-    data: str = arg("", "input samples, in data.py's format or the authors'")
-    out: str = arg("", "output sample file; with --train-reward-model, the folder for the model")
-    keep_human_order: bool = arg(False, "keep the human order and sft_index ('w/o Rescore')")
-    sft_human_chosen: bool = arg(False, "SFT target: the human-chosen response, as Sec. 2.3 says, not the "
+    reward_model: str = opt("", "path or hub id, e.g. OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5")
+    data: str = opt("", "input samples, in data.py's format or the authors'")
+    out: str = opt("", "output sample file (.jsonl, or .jsonl.gz to gzip it); with --train-reward-model, the "
+                       "folder for the model")
+    keep_human_order: bool = opt(False, "keep the human order and sft_index ('w/o Rescore')")
+    sft_human_chosen: bool = opt(False, "SFT target: the human-chosen response, as Sec. 2.3 says, not the "
                                         "top-reward one, as the authors' code does")
-    batch_size: int = arg(16, "sequences per forward")
-    max_length: int = arg(1024, "tokens per sequence, cut from the left")
-    reward_gap: float = arg(3.0, "pairs at most this far apart count as ties in the statistics (Eq. 5's k)")
-    train_reward_model: bool = arg(False, "train a reward model with Eq. 1 on --data instead of scoring")
-    base: str = arg("", "--train-reward-model: the HF checkpoint to start from")
-    dev: str = arg("", "--train-reward-model: held-out samples (default: 10%% of --data)")
-    epochs: int = arg(1, "--train-reward-model: passes over the pairs")
-    lr: float = arg(1e-5, "--train-reward-model: AdamW learning rate")
-    seed: int = arg(0, "--train-reward-model: seed of the order and the held-out split")
+    dtype: str = opt("float32", "reward model dtype: float32 as the authors ran it, or bfloat16 / float16 "
+                                "(faster on GPUs; rewards move by ~1e-2)", choices=["float32", "bfloat16", "float16"])
+    batch_size: int = opt(16, "sequences per forward", at_least=1)
+    max_length: int = opt(1024, "tokens per sequence, cut from the left", at_least=2)
+    reward_gap: float = opt(3.0, "pairs at most this far apart count as ties in the statistics (Eq. 5's k)",
+                            at_least=0)
+    train_reward_model: bool = opt(False, "train a reward model with Eq. 1 on --data instead of scoring")
+    base: str = opt("", "--train-reward-model: the HF checkpoint to start from")
+    dev: str = opt("", "--train-reward-model: held-out samples (default: 10%% of --data)")
+    epochs: int = opt(1, "--train-reward-model: passes over the pairs", at_least=1)
+    lr: float = opt(1e-5, "--train-reward-model: AdamW learning rate", above=0)
+    seed: int = opt(0, "--train-reward-model: seed of the order and the held-out split", at_least=0)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=help)
-        else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=help)
-    cfg = Config(**vars(parser.parse_args()))
+def main(argv=None):
+    cfg = cli.parse(Config, argv, __doc__.split("\n")[0])
     for name in ("base", "data", "out") if cfg.train_reward_model else ("reward_model", "data", "out"):
         if not getattr(cfg, name):
-            parser.error(f"--{name.replace('_', '-')} is required")
-    for path in (cfg.data, cfg.dev):
-        if path and not os.path.exists(path):
-            parser.error(f"{path} does not exist")
-    if cfg.batch_size < (2 if cfg.train_reward_model else 1) or cfg.max_length < 1 or cfg.reward_gap < 0:
-        parser.error("--batch-size must be >= 1 (>= 2 to train), --max-length >= 1, --reward-gap >= 0")
+            raise UserError(f"--{name.replace('_', '-')} is required")
+    for flag, path in (("--data", cfg.data), ("--dev", cfg.dev)):
+        if path:
+            cli.input_file(path, flag)
     if int(os.environ.get("RANK", 0)) == 0:
         print(cfg)
     if cfg.train_reward_model:
+        if cfg.batch_size < 2:
+            raise UserError(f"--batch-size {cfg.batch_size}: training needs at least 2 (one pair)")
+        cli.output_dir(cfg.out, "--out")
         train_reward_model(cfg.data, cfg.out, cfg.base, cfg.dev or None, cfg.epochs, cfg.lr, cfg.batch_size,
                            cfg.max_length, cfg.seed)
     else:
         rescore_file(cfg.reward_model, cfg.data, cfg.out, cfg.keep_human_order, cfg.batch_size, cfg.reward_gap,
-                     cfg.max_length, cfg.sft_human_chosen)
+                     cfg.max_length, cfg.sft_human_chosen, cfg.dtype)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -6,6 +6,7 @@ Every expected value is computed another way than the code under test: loops wri
 paper's equations, hand calculations, or an independent implementation (e.g. a per-token log_softmax).
 """
 
+import dataclasses
 import gzip
 import itertools
 import json
@@ -22,7 +23,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPTNeoXConfig, GPTNeoXModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+import checkpoint
 import clha_loss
+import cli
 import data
 import demo
 import evaluate
@@ -240,7 +243,7 @@ HH_TEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared
 def tokenizer(tmp_path_factory):
     """A LLaMA-style SentencePiece tokenizer trained offline on the demo data (bos 1, eos 2, pad 3)."""
     folder = tmp_path_factory.mktemp("tokenizer")
-    paths = data.make_demo_data(str(folder / "raw"), n_train=600, n_test=10)
+    paths = demo.make_demo_data(str(folder / "raw"), n_train=600, n_test=10)
     samples, _ = data.read_hh_rlhf(paths["train"])
     return demo.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]],
                                 str(folder / "tok"), vocab_size=600)
@@ -315,7 +318,7 @@ def test_sample_files_and_authors_format(tmp_path):
     assert data.read_samples(str(tmp_path / "ours.jsonl")) == ours
     bad = dict(ours[0], rewards=[1.0])
     write_lines(tmp_path / "bad.jsonl", [json.dumps(ours[0] | {"id": "x"}), json.dumps(bad)])
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: 'rewards' must be null or 2 finite numbers"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: 'rewards' must be null or a list of 2 finite numbers"):
         data.read_samples(str(tmp_path / "bad.jsonl"))
 
 
@@ -340,36 +343,6 @@ def test_splits_and_extra_responses(tmp_path):
     data.write_jsonl(str(tmp_path / "extra.jsonl"), extra)
     three = data.add_responses(train_samples, str(tmp_path / "extra.jsonl"))
     assert [s["responses"] for s in three] == [["yes", "no", "maybe"]] * 5
-
-
-def test_tokenization_positions(tokenizer):
-    prompt = "\n\nHuman: Hi there!\n\nAssistant: Hello!\n\nHuman: How do I make tea?\n\nAssistant:"
-    sample = {"prompt": prompt, "responses": ["Sure! First boil some water.", "No."], "rewards": [2.0, -1.0],
-              "sft_index": 0}
-    encoded = data.encode_sample(tokenizer, sample, max_len=512, max_prompt_len=384)
-    batch = data.collate([encoded], [sample], tokenizer.pad_token_id)
-    ids, mask, attn = batch["input_ids"], batch["response_mask"], batch["attention_mask"]
-    assert ids.shape == (2, ids.shape[1]) and ids.shape[1] % 8 == 0
-    for n, response in enumerate(sample["responses"]):
-        assert ids[n, 0] == tokenizer.bos_token_id
-        assert tokenizer.decode(ids[n][mask[n]]) == response + "</s>"               # the response and its EOS
-        assert tokenizer.decode(ids[n][attn[n] & ~mask[n]][1:]) == prompt           # BOS + the prompt, exactly
-        assert ids[n][mask[n]][-1] == tokenizer.eos_token_id
-        assert not (mask[n] & ~attn[n]).any() and (ids[n][~attn[n]] == tokenizer.pad_token_id).all()
-    assert batch["rewards"].tolist() == [[2.0, -1.0]] and batch["sft_index"].tolist() == [0]
-    # the prompt is cut from the left: its end, where the reply starts, survives
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    short, _ = data.encode_sample(tokenizer, sample, max_len=512, max_prompt_len=6)   # 6 tokens with BOS
-    assert short == [tokenizer.bos_token_id] + prompt_ids[-5:]
-    assert tokenizer.decode(short[1:]).endswith("tea?\n\nAssistant:")
-    # a response too long for max_len is cut from the right, but keeps its EOS; no room at all leaves EOS alone
-    full = len(encoded[0])
-    _, responses = data.encode_sample(tokenizer, sample, max_len=full + 4, max_prompt_len=full + 2)
-    assert responses[0] == tokenizer("Sure! First boil some water.", add_special_tokens=False)["input_ids"][:3] + [2]
-    _, responses = data.encode_sample(tokenizer, sample, max_len=9, max_prompt_len=8)
-    assert responses == [[tokenizer.eos_token_id]] * 2
-    batch = data.collate([data.encode_sample(tokenizer, sample, 9, 8)], [sample], tokenizer.pad_token_id)
-    assert batch["response_mask"].sum(1).tolist() == [1, 1] and batch["input_ids"].shape[1] == 16
 
 
 def test_sampling_ranks_resume_and_seed():
@@ -412,7 +385,7 @@ def ground_truth_rewards(samples):
     """Rewards from the demo's known reply quality (0, 1, 2 -> -3, 1, 5: every pair 4 apart), best first."""
     out = []
     for s in samples:
-        rewards = [4.0 * data.demo_quality(s["prompt"], r) - 3.0 for r in s["responses"]]
+        rewards = [4.0 * demo.demo_quality(s["prompt"], r) - 3.0 for r in s["responses"]]
         order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
         out.append(dict(s, responses=[s["responses"][i] for i in order], rewards=[rewards[i] for i in order]))
     return out
@@ -422,7 +395,7 @@ def ground_truth_rewards(samples):
 def tiny(tmp_path_factory, tokenizer):
     """A tiny random LLaMA saved in HF format with the test tokenizer, and rescored demo train/dev files."""
     folder = tmp_path_factory.mktemp("tiny")
-    paths = data.make_demo_data(str(folder / "raw"), n_train=400, n_test=60, tie=0.0, flip=0.0, seed=1)
+    paths = demo.make_demo_data(str(folder / "raw"), n_train=400, n_test=60, tie=0.0, flip=0.0, seed=1)
     train_samples = ground_truth_rewards(data.read_hh_rlhf(paths["train"])[0])
     dev_samples = ground_truth_rewards(data.read_hh_rlhf(paths["test"])[0])
     data.write_jsonl(str(folder / "train.jsonl"), train_samples)
@@ -531,9 +504,10 @@ def one_process():
 
 
 def test_sharded_model_and_export_give_from_pretrained_logits(tiny, tokenizer, one_process, tmp_path):
+    from transformers import AutoConfig
     rank, _, device = one_process
     cfg = train.Config(model=tiny["base"], out=str(tmp_path))
-    model = train.build_model(cfg, device, rank)          # meta device -> FSDP2 shards -> rank-0 broadcast
+    model = train.build_model(cfg, AutoConfig.from_pretrained(tiny["base"]), device, rank)   # meta -> shards -> rank 0
     ids = torch.tensor([tokenizer("\n\nHuman: How do I make tea?\n\nAssistant: Boil water.")["input_ids"]] * 2)
     with torch.no_grad():
         sharded = model(input_ids=ids).logits.float()
@@ -542,10 +516,17 @@ def test_sharded_model_and_export_give_from_pretrained_logits(tiny, tokenizer, o
         plain = LlamaForCausalLM.from_pretrained(tiny["base"], dtype=torch.bfloat16)(input_ids=ids).logits.float()
         # Both compute in bf16 from the same bf16-rounded weights: equal, where stale buffers differ by ~7e-3.
         assert torch.allclose(sharded, plain, atol=1e-4, rtol=0), (sharded - plain).abs().max()
-        train.export_hf(cfg, model, tokenizer, rank)
+        # the export keeps the source checkpoint's dtype (float32 here), or the one asked for
+        checkpoint.export_hf(cfg, model, tokenizer, rank)
+        exported = LlamaForCausalLM.from_pretrained(str(tmp_path / "final"))
+        assert exported.dtype == torch.float32
+        fp32 = LlamaForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32)(input_ids=ids).logits
+        assert torch.equal(exported(input_ids=ids).logits, fp32)
+        checkpoint.export_hf(dataclasses.replace(cfg, export_dtype="bfloat16"), model, tokenizer, rank)
         exported = LlamaForCausalLM.from_pretrained(str(tmp_path / "final"))
         assert exported.dtype == torch.bfloat16
         assert torch.allclose(exported(input_ids=ids).logits.float(), sharded, atol=1e-4, rtol=0)
+        assert sorted(os.listdir(tmp_path)) == ["final"]                          # no final.tmp left
 
 
 def held_out_accuracy(model_dir, samples):
@@ -567,7 +548,7 @@ def test_training_separates_held_out_pairs(tiny, tmp_path, loss):
 
 def test_bad_setups_fail_before_training(tiny, tmp_path):
     def fails(match, *extra, out=tmp_path / "run"):
-        with pytest.raises(SystemExit, match=match):
+        with pytest.raises(cli.UserError, match=match):
             train.main(train_args(tiny, out, *extra)[2:] + ["--model", tiny["base"]])
     samples = data.read_samples(tiny["train"])
     fails(r"--train .*nope.jsonl: no such file", "--train", str(tmp_path / "nope.jsonl"))
@@ -577,20 +558,20 @@ def test_bad_setups_fail_before_training(tiny, tmp_path):
     fails(r"three.jsonl: sample raw/train/2 has 2 responses, the first has 3", "--train", str(tmp_path / "three.jsonl"))
     data.write_jsonl(str(tmp_path / "raw.jsonl"), [dict(s, rewards=None) for s in samples])
     fails(r"has no rewards: run rescore.py on it first, or pass --no-rescore", "--train", str(tmp_path / "raw.jsonl"))
-    fails(r"--max-prompt-len 128 leaves no room", "--max-prompt-len", "128")
+    fails(r"--max-len 128 with --max-prompt-len 120 leaves 8 tokens for a response", "--max-prompt-len", "120")
     data.write_jsonl(str(tmp_path / "human.jsonl"), [dict(s, rewards=s["rewards"][::-1]) for s in samples])
     fails(r"human.jsonl: sample \S+ is not sorted by reward, best first", "--train", str(tmp_path / "human.jsonl"))
-    fails(r"--save-every must be at least 1", "--save-every", "0")
-    with pytest.raises(SystemExit):                       # argparse: "none" is only for --reward-gap and --alpha
-        train.parse_config(["--lr", "none"])
+    fails(r"--save-every 0: must be at least 1", "--save-every", "0")
+    with pytest.raises(cli.UserError, match="invalid float value: 'none'"):   # "none" is for --reward-gap, --alpha
+        cli.parse(train.Config, ["--lr", "none"])
     (tmp_path / "used" / "checkpoints" / "step_0000003").mkdir(parents=True)
     fails(r"already holds checkpoints: pass --resume", out=tmp_path / "used")
-    fails(r"--resume: no checkpoint", "--resume", out=tmp_path / "fresh")
-    with pytest.raises(SystemExit, match=r"--model is required \(python train.py with no flags at all runs the demo"):
+    fails(r"--resume: no complete checkpoint", "--resume", out=tmp_path / "fresh")
+    with pytest.raises(cli.UserError, match=r"--model is required \(python train.py with no flags at all runs the demo"):
         train.main(["--lr", "1e-4"])                      # flags without --model are not silently ignored
     model = LlamaForCausalLM.from_pretrained(tiny["base"])
     model._no_split_modules = set()                       # a model whose decoder layers we cannot find
-    with pytest.raises(SystemExit, match=r"declares no decoder layers \(_no_split_modules\) to shard"):
+    with pytest.raises(cli.UserError, match=r"declares no decoder layers \(_no_split_modules\) to shard"):
         train.apply_fsdp(model, torch.bfloat16, activation_checkpointing=False)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -672,7 +653,7 @@ def test_oa_format_on_a_two_turn_prompt(oa_checkpoint):
         "<|prompter|>Yes, and yeast.<|endoftext|><|assistant|>Mix and bake.<|endoftext|>")
     ids = tokenizer(format_fn(PROMPT, "ok"), add_special_tokens=False)["input_ids"]
     assert ids[0] == tokenizer.convert_tokens_to_ids("<|prompter|>") and ids[-1] == tokenizer.eos_token_id
-    with pytest.raises(ValueError, match="not an HH-RLHF prompt"):
+    with pytest.raises(cli.UserError, match="not an HH-RLHF prompt"):
         format_fn("How do I bake bread?", "ok")
 
 
@@ -723,23 +704,22 @@ def test_noise_stats_by_hand():
     assert stats["mean"] == pytest.approx(18 / 7)
 
 
-def fake_scorer(monkeypatch, table, calls=None, crash_at_call=None):
-    """Replace the reward model by a table {response: reward}; record what is scored; crash on call n."""
-    monkeypatch.setattr(rescore, "load_reward_model", lambda path, device="cpu", dtype=None: (None, None, None))
+def fake_scorer(table, calls=None, crash_at_call=None):
+    """A score_fn from a table {response: reward}; it records what is scored and crashes on call n."""
     calls = [] if calls is None else calls
-    def score(model, tokenizer, format_fn, prompts, responses, batch_size=16, max_length=1024, progress=False):
+    def score_fn(prompts, responses):
         calls.append(list(responses))
         if len(calls) == crash_at_call:
             raise KeyboardInterrupt("simulated crash")
         return [table[r] for r in responses]
-    monkeypatch.setattr(rescore, "score", score)
+    return score_fn
 
 
 def test_rescore_file_reranks_and_reports(tmp_path, monkeypatch, capsys):
     samples = [rm_sample("a", ["bad", "good"]), rm_sample("b", ["bad", "good", "meh"], sft_index=2)]
     data.write_jsonl(str(tmp_path / "in.jsonl"), samples)
-    fake_scorer(monkeypatch, {"good": 4.0, "bad": -1.0, "meh": 3.5})
-    stats = rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"))
+    scorer = fake_scorer({"good": 4.0, "bad": -1.0, "meh": 3.5})
+    stats = rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), score_fn=scorer)
     out = data.read_samples(str(tmp_path / "out.jsonl"))
     assert [s["responses"] for s in out] == [["good", "bad"], ["good", "meh", "bad"]]
     assert [s["rewards"] for s in out] == [[4.0, -1.0], [4.0, 3.5, -1.0]] and [s["sft_index"] for s in out] == [0, 0]
@@ -747,7 +727,7 @@ def test_rescore_file_reranks_and_reports(tmp_path, monkeypatch, capsys):
     assert stats["disagree"] == 0.75 and stats["within_gap"] == 0.25 and stats["sft_off"] == 0.0
     assert "disagrees with the human order: 75.0%" in capsys.readouterr().out
     stats = rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "kept.jsonl"),
-                                 keep_human_order=True)
+                                 keep_human_order=True, score_fn=scorer)
     kept = data.read_samples(str(tmp_path / "kept.jsonl"))
     assert [s["responses"] for s in kept] == [s["responses"] for s in samples]
     assert [s["sft_index"] for s in kept] == [0, 2] and kept[1]["rewards"] == [-1.0, 4.0, 3.5]
@@ -760,20 +740,21 @@ def test_resume_after_a_crash(tmp_path, monkeypatch):
     table = {r: float(n % 7) - 3 for n, r in enumerate(responses)}
     samples = [rm_sample(f"s{n}", responses[2 * n:2 * n + 2]) for n in range(20)]
     data.write_jsonl(str(tmp_path / "in.jsonl"), samples)
-    fake_scorer(monkeypatch, table)
-    rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "whole.jsonl"), batch_size=1)
+    rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "whole.jsonl"), batch_size=1,
+                         score_fn=fake_scorer(table))
 
-    fake_scorer(monkeypatch, table, crash_at_call=2)   # crash while scoring the second chunk (8 samples a chunk)
+    crashing = fake_scorer(table, crash_at_call=2)   # crash while scoring the second chunk (8 samples a chunk)
     with pytest.raises(KeyboardInterrupt):
-        rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), batch_size=1)
+        rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), batch_size=1,
+                             score_fn=crashing)
     part = tmp_path / "out.jsonl.part0"
     assert len(part.read_text().splitlines()) == 8 and not (tmp_path / "out.jsonl").exists()
     with open(part, "a") as f:                         # a crash in the middle of writing a line
         f.write('{"id": "s8", "rewa')
 
     calls = []
-    fake_scorer(monkeypatch, table, calls)
-    rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), batch_size=1)
+    rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), batch_size=1,
+                         score_fn=fake_scorer(table, calls))
     assert sorted(r for c in calls for r in c) == sorted(responses[16:])          # only the unfinished samples
     out = data.read_samples(str(tmp_path / "out.jsonl"))
     assert [s["id"] for s in out] == [s["id"] for s in samples]                   # every id once, in input order
@@ -781,20 +762,25 @@ def test_resume_after_a_crash(tmp_path, monkeypatch):
     assert not part.exists()
 
 
-def test_errors_name_the_file_and_line(tmp_path, monkeypatch):
-    fake_scorer(monkeypatch, {"a": 1.0, "b": 0.0})
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        rescore.rescore_file("fake", str(tmp_path / "missing.jsonl"), str(tmp_path / "out.jsonl"))
+def test_errors_name_the_file_and_line(tmp_path):
+    scorer = fake_scorer({"a": 1.0, "b": 0.0})
+    rescore_ = lambda: rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"),
+                                            score_fn=scorer)
+    with pytest.raises(cli.UserError, match="--data .*in.jsonl: no such file"):
+        rescore_()
     (tmp_path / "in.jsonl").write_text(json.dumps(rm_sample("x", ["a", "b"])) + "\n{broken\n")
-    with pytest.raises(ValueError, match=r"in.jsonl:2"):
-        rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"))
+    with pytest.raises(cli.UserError, match=r"in.jsonl:2"):
+        rescore_()
     data.write_jsonl(str(tmp_path / "in.jsonl"), [rm_sample("x", ["a", "b"]), rm_sample("y", ["a", "b"])])
+    settings = {"reward_model": "fake", "data_sha256": rescore.sha256(str(tmp_path / "in.jsonl")),
+                "max_length": 1024, "dtype": "float32"}
+    (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(settings))
     (tmp_path / "out.jsonl.part0").write_text('{"id": "x", "rewards": [1.0, 0.0]}\nnot json\n{"id": "y"')
-    with pytest.raises(ValueError, match=r"out.jsonl.part0:2"):
-        rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"))
+    with pytest.raises(cli.UserError, match=r"out.jsonl.part0:2"):
+        rescore_()
     (tmp_path / "out.jsonl.part0").write_text('{"id": "z", "rewards": [1.0, 0.0]}\n')   # left from another file
-    with pytest.raises(ValueError, match="'z' with 2 rewards is not in the input"):
-        rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"))
+    with pytest.raises(cli.UserError, match="'z' with 2 rewards is not in the input"):
+        rescore_()
 
 
 # ---- Eq. 1 and reward-model training -----------------------------------------------------------------------------
@@ -811,7 +797,7 @@ def test_rm_loss_by_hand():
 def rm_demo(tmp_path_factory):
     """Demo data with clean labels, a tokenizer trained on it, and a tiny random LLaMA classifier as the base."""
     root = tmp_path_factory.mktemp("demo")
-    paths = data.make_demo_data(str(root / "raw"), n_train=300, n_test=100, flip=0, tie=0, seed=1)
+    paths = demo.make_demo_data(str(root / "raw"), n_train=300, n_test=100, flip=0, tie=0, seed=1)
     for split in ("train", "test"):
         data.write_jsonl(str(root / f"{split}.jsonl"), data.read_hh_rlhf(paths[split], "demo", split)[0])
     samples = data.read_samples(str(root / "train.jsonl"))
@@ -848,7 +834,7 @@ def test_reward_model_with_two_outputs_is_refused(tmp_path, rm_demo):
                          num_attention_heads=2, num_labels=2)
     LlamaForSequenceClassification(config).save_pretrained(str(tmp_path))
     AutoTokenizer.from_pretrained(str(rm_demo / "base")).save_pretrained(str(tmp_path))
-    with pytest.raises(ValueError, match="2 outputs"):
+    with pytest.raises(cli.UserError, match="2 outputs"):
         rescore.load_reward_model(str(tmp_path))
 
 
@@ -897,7 +883,7 @@ N_NEW = 10                      # max_new_tokens in these tests
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
-    paths = data.make_demo_data(str(tmp / "raw"), n_train=40, n_test=12, seed=1)
+    paths = demo.make_demo_data(str(tmp / "raw"), n_train=40, n_test=12, seed=1)
     samples, _ = data.read_hh_rlhf(paths["test"], "harmless-base", "test")
     train_samples, _ = data.read_hh_rlhf(paths["train"], "x", "train")
     tokenizer = demo.train_tokenizer([s["prompt"] + " " + r for s in samples + train_samples for r in s["responses"]],
@@ -1085,7 +1071,7 @@ def test_resume_after_interrupt_yields_every_prompt_once(env, full_run):
     part = [json.loads(line) for line in read_text(os.path.join(out, "parts", "rank0.jsonl")).split("\n")[:-1]]
     assert sorted(r["id"] for r in part) == sorted(s["id"] for s in env["samples"])   # each once, none lost
     assert_same_results(resumed, results)
-    with pytest.raises(ValueError, match="max_new_tokens"):                   # other settings need a new --out
+    with pytest.raises(cli.UserError, match="max_new_tokens"):                # other settings need a new --out
         evaluate.evaluate(env["policy_dir"], env["rm_dir"], env["files"], out, max_new_tokens=N_NEW + 1)
 
 

@@ -1,0 +1,172 @@
+"""train.py's checkpoints: sharded and resumable while training, one Hugging Face folder at the end.
+
+    OUT/checkpoints/step_N/   each rank's shards of model and optimizer (torch.distributed.checkpoint), its RNG
+                              state, and meta.json (step, world size, the run's config); the newest `keep` are kept
+    OUT/final/                the consolidated model and tokenizer: AutoModelForCausalLM.from_pretrained(OUT/final)
+
+Every folder is written under a .tmp name and renamed once complete, so a kill or a full disk mid-save leaves
+the previous checkpoint (or no final/) rather than half of one; .tmp folders left by a kill are removed by the
+next run. `--resume` continues from the newest *complete* checkpoint: one whose shard files are all present at
+their recorded sizes, so a damaged newest folder is reported, skipped, and deleted, and the previous one used.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import pickle
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from cli import UserError
+
+# Flags a resumed run may change: where and how often it reports, and how the same global batch is split.
+# Any other change would alter the data order or the objective halfway through.
+FREE_ON_RESUME = {"resume", "out", "max_steps", "log_every", "eval_every", "save_every", "keep_checkpoints",
+                  "batch_size", "dev", "activation_checkpointing", "cpu_offload", "compile", "export_dtype"}
+
+
+def step_dirs(out):
+    """Every step_N folder of OUT/checkpoints, oldest first (.tmp folders excluded)."""
+    folder = os.path.join(out, "checkpoints")
+    names = sorted(n for n in os.listdir(folder) if n.startswith("step_") and not n.endswith(".tmp")) \
+        if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in names]
+
+
+def damage(path):
+    """None if the checkpoint folder is complete, else what is wrong with it."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        storage = dcp.FileSystemReader(path).read_metadata().storage_data
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        return f"unreadable: {e}"
+    need = {f"rng_rank{r}.pt": 1 for r in range(meta.get("world", 1))}
+    for item in storage.values():                          # each tensor's byte range in its shard file
+        need[item.relative_path] = max(need.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(need.items()):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
+        if os.path.getsize(os.path.join(path, name)) < size:
+            return f"{name} is truncated"
+    return None
+
+
+def find_resumable(cfg, log=print):
+    """-> the newest complete checkpoint of cfg.out, after checking that its run had the same settings."""
+    damaged = []
+    for path in reversed(step_dirs(cfg.out)):
+        problem = damage(path)
+        if problem is None:
+            break
+        damaged.append(path)
+        log(f"warning: --resume: {path} is damaged ({problem}); it is skipped, and deleted once the run resumes")
+    else:
+        raise UserError(f"--resume: no complete checkpoint in {cfg.out}/checkpoints"
+                        + (f" ({len(damaged)} damaged)" if damaged else ""))
+    with open(os.path.join(path, "meta.json")) as f:
+        saved = json.load(f)["config"]
+    for key in sorted(set(saved) - FREE_ON_RESUME):
+        if key in dataclasses.asdict(cfg) and saved[key] != getattr(cfg, key):
+            raise UserError(f"--resume: {path} was trained with --{key.replace('_', '-')} {saved[key]}, not "
+                            f"{getattr(cfg, key)}; resume with the same value, or train into a new --out")
+    return path
+
+
+def clean(cfg, resume_from, rank):
+    """Rank 0, before training: remove .tmp folders left by a kill, and the damaged checkpoints newer than the
+    one we resume from (the resumed run writes them again); keep log.jsonl to the steps that will not rerun."""
+    if rank != 0:
+        return
+    for path in glob.glob(os.path.join(glob.escape(cfg.out), "checkpoints", "*.tmp")) + \
+            glob.glob(os.path.join(glob.escape(cfg.out), "final.tmp")):
+        shutil.rmtree(path)
+    for path in step_dirs(cfg.out) if resume_from else []:
+        if path > resume_from:                                 # step_N names sort by N
+            shutil.rmtree(path)
+    start = read_step(resume_from) if resume_from else 0
+    log = os.path.join(cfg.out, "log.jsonl")
+    if os.path.exists(log):            # a resumed run logs the steps after `start` again: drop the old lines
+        with open(log) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+        with open(log + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log + ".tmp", log)
+
+
+def read_step(path):
+    with open(os.path.join(path, "meta.json")) as f:
+        return json.load(f)["step"]
+
+
+def save(cfg, model, optimizer, step, rank, world):
+    """Each rank writes its own shards (DCP) into step_N.tmp; rank 0 writes meta.json and renames the folder once
+    every rank has finished. The folder must be shared by all nodes."""
+    path = os.path.join(cfg.out, "checkpoints", f"step_{step:07d}")
+    if rank == 0:
+        shutil.rmtree(path + ".tmp", ignore_errors=True)
+    dist.barrier()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=path + ".tmp")
+    torch.save(torch.get_rng_state(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(path + ".tmp", "meta.json"), "w") as f:
+            json.dump({"step": step, "world": world, "config": dataclasses.asdict(cfg)}, f, indent=1)
+        shutil.rmtree(path, ignore_errors=True)               # a damaged folder of the same step, from before
+        os.replace(path + ".tmp", path)
+        for old in step_dirs(cfg.out)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load(path, model, optimizer, rank):
+    """Model, optimizer and RNG state of the checkpoint `path`, in place into this rank's shards -> its step."""
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    rng = os.path.join(path, f"rng_rank{rank}.pt")
+    if os.path.exists(rng):                                    # a rank the earlier run did not have starts fresh
+        torch.set_rng_state(torch.load(rng))
+    return read_step(path)
+
+
+def export_dtype(cfg):
+    """--export-dtype auto: the dtype the source checkpoint was stored in (its config's), float32 if it says none."""
+    if cfg.export_dtype != "auto":
+        return getattr(torch, cfg.export_dtype)
+    stored = getattr(AutoConfig.from_pretrained(cfg.model), "dtype", None) or torch.float32
+    return getattr(torch, stored) if isinstance(stored, str) else stored
+
+
+def export_hf(cfg, model, tokenizer, rank):
+    """One consolidated checkpoint with the tokenizer in OUT/final, gathered one tensor at a time (rank 0 holds
+    the whole model in CPU memory once), written to final.tmp and renamed when complete."""
+    dtype = export_dtype(cfg)
+    full = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor   # every rank takes part
+        if rank == 0:
+            full[name] = tensor.to("cpu", dtype)
+    if rank == 0:
+        final = os.path.join(cfg.out, "final")
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model), dtype=dtype)
+        plain.load_state_dict(full, assign=True)
+        plain.tie_weights()                                    # assign=True replaced the tied tensors one by one
+        shutil.rmtree(final + ".tmp", ignore_errors=True)
+        plain.save_pretrained(final + ".tmp")
+        tokenizer.save_pretrained(final + ".tmp")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(final + ".tmp", final)
+        print(f"saved {final} ({str(dtype).removeprefix('torch.')})")
+    dist.barrier()
