@@ -255,24 +255,33 @@ def max_token_chars(tokenizer):
     return _MAX_TOKEN_CHARS[tokenizer]
 
 
+def split_tokens(tokenizer, text, boundary):
+    """The tokenizer's own encoding of `text`, split at character `boundary` by the tokens' character offsets:
+    (the tokens that end before it, the rest). A token that crosses the boundary goes with the rest."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ends = [end for _, end in encoded["offset_mapping"]]
+    split = next((n for n, end in enumerate(ends) if end > boundary), len(ends))
+    return encoded["input_ids"][:split], encoded["input_ids"][split:]
+
+
 def encode_prompt(tokenizer, prompt, max_prompt_len):
     """The prompt as generation starts from it: the tokenizer's special prefix, then the prompt's last tokens,
-    `max_prompt_len` in all (as the authors count), cut from the left so the end of the dialogue survives."""
+    `max_prompt_len` in all (as the authors count), cut from the left so the end of the dialogue survives.
+    Split as in training, from the encoding of prompt + " ": the space that opens the reply is the reply's."""
     prefix = special_prefix(tokenizer)
     keep = max_prompt_len - len(prefix)
     if keep < 1:
         raise UserError(f"--max-prompt-len {max_prompt_len} leaves no room after {len(prefix)} special tokens")
-    ids = tokenizer(prompt[-2 * keep * max_token_chars(tokenizer):], add_special_tokens=False)["input_ids"]
-    return prefix + ids[-keep:]
+    prompt = prompt[-2 * keep * max_token_chars(tokenizer):]     # no need to tokenize what is cut anyway
+    return prefix + split_tokens(tokenizer, prompt + " ", len(prompt))[0][-keep:]
 
 
 def encode_sample(tokenizer, sample, max_len=512, max_prompt_len=384):
     """-> K rows (prompt ids, response ids), one per candidate.
 
     Each row is the tokenizer's own encoding of the dialogue text prompt + " " + response, so a byte-level BPE
-    tokenizer (Llama-3, Qwen2, GPT-NeoX) sees ':' 'ĠHello' as in the raw dialogue, not a glued ':' 'Hello'. The
-    split is by character offsets: a token that crosses the boundary belongs to the response. The prompt part
-    equals `encode_prompt` (what generation starts from) and is cut from the left to `max_prompt_len`; the
+    tokenizer (Llama-3, Qwen2, GPT-NeoX) sees ':' 'ĠHello' as in the raw dialogue, not a glued ':' 'Hello'.
+    The prompt part is what `encode_prompt` gives generation, cut from the left to `max_prompt_len`; the
     response is cut from the right to fit `max_len`, and only a response that fits whole ends with EOS.
     """
     prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
@@ -284,14 +293,10 @@ def encode_sample(tokenizer, sample, max_len=512, max_prompt_len=384):
     prompt = sample["prompt"][-chars:]
     rows = []
     for response in sample["responses"]:
-        encoded = tokenizer(prompt + " " + response.strip()[:chars], add_special_tokens=False,
-                            return_offsets_mapping=True)
-        ends = [end for _, end in encoded["offset_mapping"]]
-        split = next((n for n, end in enumerate(ends) if end > len(prompt)), len(ends))   # first response token
-        prompt_ids = prefix + encoded["input_ids"][:split][-keep:]
+        prompt_ids, response_ids = split_tokens(tokenizer, prompt + " " + response.strip()[:chars], len(prompt))
+        prompt_ids = prefix + prompt_ids[-keep:]
         if not prompt_ids:                          # Eq. 3 needs a token before the response to predict it from
             raise UserError(f"sample {sample.get('id')}: its prompt has no token of its own before the response")
-        response_ids = encoded["input_ids"][split:]
         room = max_len - len(prompt_ids)
         response_ids = response_ids + [eos] if len(response_ids) < room else response_ids[:room]
         rows.append((prompt_ids, response_ids))

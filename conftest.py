@@ -1,0 +1,69 @@
+"""Shared test fixtures: the tokenizer families readers bring, each trained offline in a second.
+
+    sp              SentencePiece BPE with a dummy prefix and byte fallback, BOS added (LLaMA-1/2, Mistral)
+    bpe             byte-level BPE, GPT-2's split, no BOS at all (GPT-NeoX/Pythia, Qwen2)
+    bpe_bos         byte-level BPE, Llama-3's split, <|begin_of_text|> added by the tokenizer (Llama-3)
+    bpe_unused_bos  byte-level BPE with a bos_token that the tokenizer never adds (SmolLM2)
+"""
+
+import os
+
+import pytest
+
+import data
+import demo
+
+FAMILIES = ("sp", "bpe", "bpe_bos", "bpe_unused_bos")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def training_texts(folder):
+    """Demo dialogues plus some of every kind of character, so that no tokenizer needs to fall back on bytes."""
+    paths = demo.make_demo_data(os.path.join(folder, "raw"), n_train=600, n_test=10)
+    samples, _ = data.read_hh_rlhf(paths["train"])
+    return [s["prompt"] + " " + r for s in samples for r in s["responses"]] + ["Ünïcödé — “quotes” 日本語 🙂"] * 5
+
+
+def byte_level_bpe(texts, folder, split, bos=None, add_bos=False):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<|endoftext|>"] + ([bos] if bos else [])
+    bpe = Tokenizer(models.BPE())
+    if split == "gpt2":
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:                                                           # Llama-3: its regex, then bytes
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if add_bos:
+        bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, bpe.token_to_id(bos))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token=bos)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def make_tokenizer(family, texts, folder):
+    """A tokenizer of `family`, saved in HF format in `folder` and loaded back from there, as a user's would be."""
+    from transformers import AutoTokenizer
+    if family == "sp":
+        demo.train_tokenizer(texts, folder, vocab_size=700)
+    elif family == "bpe":
+        byte_level_bpe(texts, folder, "gpt2")
+    elif family == "bpe_bos":
+        byte_level_bpe(texts, folder, "llama3", bos="<|begin_of_text|>", add_bos=True)
+    else:
+        byte_level_bpe(texts, folder, "gpt2", bos="<|im_start|>")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tmp_path_factory):
+    """{family: tokenizer} for every family of FAMILIES, and "dir": a folder for the tests' files."""
+    folder = tmp_path_factory.mktemp("tokenizers")
+    texts = training_texts(str(folder))
+    return {"dir": folder} | {family: make_tokenizer(family, texts, str(folder / family)) for family in FAMILIES}

@@ -1,0 +1,228 @@
+"""The tokenizer and model families readers bring: tokenization at the prompt/response boundary, and training,
+export and reload of LLaMA, Mistral, Qwen2 and GPT-NeoX (tied and untied embeddings) under torchrun. CPU only.
+
+    python -m pytest test_families.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, MistralConfig,
+                          Qwen2Config)
+
+import data
+import demo
+import evaluate
+import train
+from conftest import FAMILIES
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+HH_TEST = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
+PROMPT = "\n\nHuman: Hi there!\n\nAssistant: Hello!\n\nHuman: How do I make tea? 🍵\n\nAssistant:"
+RESPONSES = ["Sure! First boil some water.\n\n1. Steep.\n2. Enjoy “slowly”.", "No.", "日本語で? Okay.", "42 cups"]
+
+
+# ---- tokenization: the ids are the tokenizer's own encoding of the dialogue text -----------------------------
+
+def expected_rows(tokenizer, prompt, responses):
+    """Written from the tokenizer alone: the joined dialogue with the tokenizer's own special tokens, and the
+    prompt as the tokenizer encodes it by itself; the response is the rest, then EOS."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    rows = []
+    for response in responses:
+        joined = tokenizer(prompt + " " + response, add_special_tokens=True)["input_ids"]
+        assert joined[:len(prompt_ids)] == prompt_ids          # no token of these families crosses the boundary
+        rows.append((prompt_ids, joined[len(prompt_ids):] + [tokenizer.eos_token_id]))
+    return rows
+
+
+def check_sample(tokenizer, sample):
+    rows = data.encode_sample(tokenizer, sample, max_len=100_000, max_prompt_len=50_000)
+    assert rows == expected_rows(tokenizer, sample["prompt"], sample["responses"]), sample["id"]
+    generation_prompt = evaluate.left_padded(tokenizer, [sample["prompt"]], 50_000)[0][0].tolist()
+    assert generation_prompt == rows[0][0]                     # generation starts where the training prompt ends
+    for (_, response_ids), response in zip(rows, sample["responses"]):
+        assert tokenizer.decode(response_ids[:-1]).strip() == response      # the response's tokens, whole
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_are_the_tokenizers_own_encoding(tokenizers, family):
+    tokenizer = tokenizers[family]
+    check_sample(tokenizer, {"id": "hand-made", "prompt": PROMPT, "responses": RESPONSES})
+    for sample in data.read_hh_rlhf(demo.make_demo_data(str(tokenizers["dir"] / "demo"), 50, 4)["train"])[0]:
+        check_sample(tokenizer, sample)
+    # the bug this replaces: a byte-level reply tokenized alone starts glued to the prompt ('Sure' after ':')
+    first = tokenizer.convert_ids_to_tokens(data.encode_sample(tokenizer, {"prompt": PROMPT, "responses": RESPONSES})
+                                            [0][1][0])
+    assert first == {"sp": "▁Sure"}.get(family, "ĠSure")
+    # special tokens: BOS where the tokenizer adds one itself, never a bos_token it does not add (SmolLM2)
+    assert data.special_prefix(tokenizer) == ([tokenizer.bos_token_id] if family in ("sp", "bpe_bos") else [])
+
+
+@pytest.mark.skipif(not os.path.exists(HH_TEST), reason=f"real HH-RLHF data not found at {HH_TEST}")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_real_dialogues_tokenize_as_the_joined_text(tokenizers, family):
+    samples, _ = data.read_hh_rlhf(HH_TEST)
+    for sample in samples[::3]:                                # every third: 768 dialogues, 1,536 replies
+        check_sample(tokenizers[family], sample)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_truncation_and_eos(tokenizers, family):
+    tokenizer = tokenizers[family]
+    prefix, eos = data.special_prefix(tokenizer), tokenizer.eos_token_id
+    plain_prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(PROMPT + " " + RESPONSES[0], add_special_tokens=False)["input_ids"][len(plain_prompt):]
+    sample = {"prompt": PROMPT, "responses": RESPONSES[:2]}
+    # the prompt is cut from the left, special tokens counted: its end, where the reply starts, survives
+    (prompt_ids, response_ids), _ = data.encode_sample(tokenizer, sample, max_len=200, max_prompt_len=6)
+    assert prompt_ids == prefix + plain_prompt[-(6 - len(prefix)):] and response_ids == whole + [eos]
+    assert data.encode_prompt(tokenizer, PROMPT, 6) == prompt_ids
+    # a response that fits with its EOS keeps it; one that fits without it, or is cut, ends without EOS
+    for room, expected in ((len(whole) + 1, whole + [eos]), (len(whole), whole), (len(whole) - 3, whole[:-3])):
+        (prompt_ids, response_ids), _ = data.encode_sample(tokenizer, sample, 6 + room, 6)
+        assert response_ids == expected, room
+
+
+def test_a_token_across_the_boundary_belongs_to_the_response(tokenizers):
+    """A byte-level BPE without pre-tokenization merges across spaces ('?ĊĊAssistant:ĠSure'): that token is the
+    response's, and generation starts where the training prompt ends, not after the prompt's own last token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from conftest import training_texts
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(training_texts(str(tokenizers["dir"] / "merged")), trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    prompt = "\n\nHuman: How do I make tea?\n\nAssistant:"
+    (prompt_ids, response_ids), _ = data.encode_sample(tokenizer, {"prompt": prompt, "responses": ["Sure!", "No."]})
+    crossing = tokenizer.convert_ids_to_tokens(response_ids[0])
+    assert crossing.startswith("?ĊĊAssistant:Ġ")               # the premise: this token crosses the boundary
+    joined = tokenizer(prompt + " Sure!")["input_ids"]
+    assert prompt_ids + response_ids == joined + [tokenizer.eos_token_id]
+    assert tokenizer.decode(prompt_ids) + tokenizer.decode(response_ids[:1]) == prompt + " " + crossing[-4:]
+    assert data.encode_prompt(tokenizer, prompt, 384) == prompt_ids
+
+
+# ---- the model families: train under torchrun, export, reload ----------------------------------------------
+
+MODELS = {   # family -> (config class, tokenizer family, tied embeddings)
+    "llama": (LlamaConfig, "sp", False),                       # LLaMA-1/2
+    "mistral": (MistralConfig, "bpe_bos", False),
+    "qwen2": (Qwen2Config, "bpe", True),                       # no BOS at all
+    "gpt_neox": (GPTNeoXConfig, "bpe_unused_bos", False),      # Pythia: bos_token <|endoftext|>, never added
+    "smollm2": (LlamaConfig, "bpe_unused_bos", True),          # LLaMA with tied embeddings and no BOS
+}
+SIZE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256)
+
+
+def ranked(samples):
+    """The demo's known quality as rewards (0, 1, 2 -> -3, 1, 5), best first, as rescore.py would write them."""
+    out = []
+    for s in samples:
+        rewards = [4.0 * demo.demo_quality(s["prompt"], r) - 3.0 for r in s["responses"]]
+        order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
+        out.append(dict(s, responses=[s["responses"][i] for i in order], rewards=[rewards[i] for i in order]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def family_data(tokenizers):
+    folder = tokenizers["dir"] / "family_data"
+    paths = demo.make_demo_data(str(folder), n_train=48, n_test=8, flip=0, tie=0, seed=3)
+    for split in ("train", "test"):
+        data.write_jsonl(str(folder / f"{split}.rm.jsonl"), ranked(data.read_hh_rlhf(paths[split])[0]))
+    return {"train": str(folder / "train.rm.jsonl"), "dev": str(folder / "test.rm.jsonl")}
+
+
+def save_base(family, tokenizers, folder):
+    config_class, tokenizer_family, tied = MODELS[family]
+    tokenizer = tokenizers[tokenizer_family]
+    kv = {} if config_class is GPTNeoXConfig else {"num_key_value_heads": 2}
+    config = config_class(vocab_size=len(tokenizer), tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=data.pad_id(tokenizer), **SIZE, **kv)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_sharded_model_equals_from_pretrained(family, tokenizers, tmp_path):
+    """Each family's meta-device init, FSDP2 sharding and rank-0 broadcast give from_pretrained's logits (this
+    catches non-persistent buffers such as rotary inv_freq left as garbage by to_empty)."""
+    import torch.distributed as dist
+    base = save_base(family, tokenizers, str(tmp_path / "base"))
+    rank, _, device = train.init_distributed()
+    try:
+        cfg = train.Config(model=base, dtype="float32")
+        model = train.build_model(cfg, AutoConfig.from_pretrained(base), device, rank)
+        ids = torch.tensor([tokenizers[MODELS[family][1]](PROMPT + " " + RESPONSES[0])["input_ids"]])
+        with torch.no_grad():
+            sharded = model(input_ids=ids).logits
+            plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(input_ids=ids).logits
+        assert torch.allclose(sharded, plain, atol=1e-5, rtol=0), (sharded - plain).abs().max()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def family_runs(tokenizers, family_data, tmp_path_factory):
+    """One torchrun of 2 processes that calls train.main once per family (a process group each time): the
+    families' runs, without paying the start of torchrun and the imports once per family."""
+    folder = tmp_path_factory.mktemp("families")
+    runs = {family: (save_base(family, tokenizers, str(folder / family / "base")), folder / family / "run")
+            for family in MODELS}
+    argvs = [["--model", base, "--train", family_data["train"], "--dev", family_data["dev"], "--out", str(out),
+              "--global-batch", "8", "--batch-size", "2", "--max-steps", "3", "--lr", "1e-3", "--max-len", "128",
+              "--max-prompt-len", "64", "--dtype", "float32", "--log-every", "1", "--save-every", "3"]
+             for base, out in runs.values()]
+    (folder / "argvs.json").write_text(json.dumps(argvs))
+    # A default process group made again must not meet the last one's keys in torchrun's store: each run gets
+    # a store of its own, on the next port.
+    (folder / "driver.py").write_text(
+        f"import json, os, sys\nsys.path.insert(0, {ROOT!r})\nimport train\n"
+        "port = int(os.environ.pop('MASTER_PORT'))\nos.environ.pop('TORCHELASTIC_USE_AGENT_STORE', None)\n"
+        "for n, argv in enumerate(json.load(open(sys.argv[1])), 1):\n"
+        "    os.environ['MASTER_PORT'] = str(port + n)\n    train.main(argv)\n")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(folder / "driver.py"), str(folder / "argvs.json")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return runs
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_train_export_reload(family, tokenizers, family_runs, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    base, out = family_runs[family]
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3, 3] and records[-1]["split"] == "dev"
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+    # the export, reloaded as a user would, holds exactly the trained fp32 weights of the last checkpoint
+    dcp_to_torch_save(str(out / "checkpoints" / "step_0000003"), str(tmp_path / "weights.pt"))
+    trained = torch.load(str(tmp_path / "weights.pt"))["model"]
+    exported = AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    assert exported.dtype == torch.float32                     # the base checkpoint's dtype
+    state = exported.state_dict()
+    assert all(torch.equal(state[name], trained[name]) for name in trained)
+    before = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    assert any(not torch.equal(before[name], trained[name]) for name in trained)       # it trained
+    # its logits against the trained head applied by hand to its last hidden state
+    head, embedding = exported.get_output_embeddings(), exported.get_input_embeddings()
+    assert (head.weight is embedding.weight) == MODELS[family][2]                       # tied stays tied
+    names = {id(module): name for name, module in exported.named_modules()}
+    head_name, embedding_name = names[id(head)] + ".weight", names[id(embedding)] + ".weight"
+    ids = torch.tensor([tokenizers[MODELS[family][1]](PROMPT + " " + RESPONSES[1])["input_ids"]])
+    with torch.no_grad():
+        hidden = exported.base_model(input_ids=ids).last_hidden_state
+        by_hand = hidden @ trained.get(head_name, trained[embedding_name]).T
+        assert torch.allclose(exported(input_ids=ids).logits, by_hand, atol=1e-5)
