@@ -9,6 +9,8 @@
 import os
 
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import data
 import demo
@@ -67,3 +69,50 @@ def tokenizers(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tokenizers")
     texts = training_texts(str(folder))
     return {"dir": folder} | {family: make_tokenizer(family, texts, str(folder / family)) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A LLaMA-style SentencePiece tokenizer trained offline on the demo data (bos 1, eos 2, pad 3)."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    paths = demo.make_demo_data(str(folder / "raw"), n_train=600, n_test=10)
+    samples, _ = data.read_hh_rlhf(paths["train"])
+    return demo.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]],
+                                str(folder / "tok"), vocab_size=600)
+
+
+def ranked(samples):
+    """The demo's known quality as rewards (0, 1, 2 -> -3, 1, 5: every pair 4 apart), best first, as rescore.py
+    would write them."""
+    out = []
+    for s in samples:
+        rewards = [4.0 * demo.demo_quality(s["prompt"], r) - 3.0 for r in s["responses"]]
+        order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
+        out.append(dict(s, responses=[s["responses"][i] for i in order], rewards=[rewards[i] for i in order]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, tokenizer):
+    """A tiny random LLaMA saved in HF format with the test tokenizer, and rescored demo train/dev files."""
+    folder = tmp_path_factory.mktemp("tiny")
+    paths = demo.make_demo_data(str(folder / "raw"), n_train=400, n_test=60, tie=0.0, flip=0.0, seed=1)
+    train_samples = ranked(data.read_hh_rlhf(paths["train"])[0])
+    dev_samples = ranked(data.read_hh_rlhf(paths["test"])[0])
+    data.write_jsonl(str(folder / "train.jsonl"), train_samples)
+    data.write_jsonl(str(folder / "dev.jsonl"), dev_samples)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    LlamaForCausalLM(config).save_pretrained(str(folder / "base"))
+    tokenizer.save_pretrained(str(folder / "base"))
+    return {"dir": folder, "base": str(folder / "base"), "train": str(folder / "train.jsonl"),
+            "dev": str(folder / "dev.jsonl"), "dev_samples": dev_samples}
+
+
+def train_args(tiny, out, *extra):
+    """train.py's flags for a short run on the tiny fixture: 8 prompts per step, a checkpoint every 3 steps."""
+    return ["--model", tiny["base"], "--train", tiny["train"], "--out", str(out), "--global-batch", "8",
+            "--batch-size", "2", "--epochs", "1", "--lr", "2e-3", "--log-every", "1", "--save-every", "3",
+            "--max-len", "128", "--max-prompt-len", "64", *extra]

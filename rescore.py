@@ -226,19 +226,20 @@ def sha256(path):
     return digest.hexdigest()
 
 
-def check_settings(out, settings, rank):
-    """Part files may only be resumed with the settings that scored them: else one output would mix two scorers."""
+def check_settings(out, settings):
+    """Part files may only be resumed with the settings that scored them: else one output would mix two scorers.
+    Settings with no scored sample behind them yet are simply replaced."""
     path = out + ".settings.json"
-    parts = glob.glob(glob.escape(out) + ".part*")
-    if os.path.exists(path):
+    scored = [p for p in glob.glob(glob.escape(out) + ".part*") if os.path.getsize(p)]
+    if scored and not os.path.exists(path):
+        raise UserError(f"--out {out}: {scored[0]} has no {path} to say what scored it; delete the part files")
+    if scored:
         with open(path) as f:
             old = json.load(f)
         for key in settings:
             if old.get(key) != settings[key]:
                 raise UserError(f"--out {out}: its unfinished parts were scored with {key} {old.get(key)}, not "
                                 f"{settings[key]}; rerun with the same settings, or delete {out}.part* and {path}")
-    elif parts:
-        raise UserError(f"--out {out}: {parts[0]} has no {path} to say what scored it; delete the part files")
     return path
 
 
@@ -252,6 +253,8 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
     if os.path.isdir(out):
         raise UserError(f"--out {out}: is a folder; give the output file's name")
     cli.output_dir(os.path.dirname(os.path.abspath(out)), "--out")
+    if score_fn is None and cli.looks_local(reward_model) and not os.path.isdir(reward_model):
+        raise UserError(f"--reward-model {reward_model}: no such folder (a checkpoint folder, or a hub id)")
     samples = data.read_samples(data_path)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     own_group = world > 1 and not dist.is_initialized()
@@ -263,11 +266,11 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
         where = lambda p: os.path.abspath(p) if os.path.exists(p) else p   # a folder, or a hub id
         settings = {"reward_model": where(reward_model), "data_sha256": sha256(data_path), "max_length": max_length,
                     "dtype": dtype}
-        settings_path = check_settings(out, settings, rank)
+        settings_path = check_settings(out, settings)
         K = {s["id"]: len(s["responses"]) for s in samples}
         done = read_parts(out, K)
         barrier()                                                  # every rank has read before any appends
-        if rank == 0 and not os.path.exists(settings_path):
+        if rank == 0:
             with open(settings_path, "w") as f:
                 json.dump(settings, f, indent=1)
 

@@ -31,6 +31,7 @@ import demo
 import evaluate
 import rescore
 import train
+from conftest import train_args
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,16 +240,6 @@ HH_TEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared
                        "harmless-base", "test.jsonl.gz")
 
 
-@pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    """A LLaMA-style SentencePiece tokenizer trained offline on the demo data (bos 1, eos 2, pad 3)."""
-    folder = tmp_path_factory.mktemp("tokenizer")
-    paths = demo.make_demo_data(str(folder / "raw"), n_train=600, n_test=10)
-    samples, _ = data.read_hh_rlhf(paths["train"])
-    return demo.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]],
-                                str(folder / "tok"), vocab_size=600)
-
-
 @pytest.mark.skipif(not os.path.exists(HH_TEST), reason=f"real HH-RLHF data not found at {HH_TEST}")
 def test_read_real_hh_rlhf():
     samples, skipped = data.read_hh_rlhf(HH_TEST)
@@ -381,41 +372,6 @@ def test_sampling_ranks_resume_and_seed():
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def ground_truth_rewards(samples):
-    """Rewards from the demo's known reply quality (0, 1, 2 -> -3, 1, 5: every pair 4 apart), best first."""
-    out = []
-    for s in samples:
-        rewards = [4.0 * demo.demo_quality(s["prompt"], r) - 3.0 for r in s["responses"]]
-        order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
-        out.append(dict(s, responses=[s["responses"][i] for i in order], rewards=[rewards[i] for i in order]))
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory, tokenizer):
-    """A tiny random LLaMA saved in HF format with the test tokenizer, and rescored demo train/dev files."""
-    folder = tmp_path_factory.mktemp("tiny")
-    paths = demo.make_demo_data(str(folder / "raw"), n_train=400, n_test=60, tie=0.0, flip=0.0, seed=1)
-    train_samples = ground_truth_rewards(data.read_hh_rlhf(paths["train"])[0])
-    dev_samples = ground_truth_rewards(data.read_hh_rlhf(paths["test"])[0])
-    data.write_jsonl(str(folder / "train.jsonl"), train_samples)
-    data.write_jsonl(str(folder / "dev.jsonl"), dev_samples)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    LlamaForCausalLM(config).save_pretrained(str(folder / "base"))
-    tokenizer.save_pretrained(str(folder / "base"))
-    return {"dir": folder, "base": str(folder / "base"), "train": str(folder / "train.jsonl"),
-            "dev": str(folder / "dev.jsonl"), "dev_samples": dev_samples}
-
-
-def train_args(tiny, out, *extra):
-    return ["--model", tiny["base"], "--train", tiny["train"], "--out", str(out), "--global-batch", "8",
-            "--batch-size", "2", "--epochs", "1", "--lr", "2e-3", "--log-every", "1", "--save-every", "3",
-            "--max-len", "128", "--max-prompt-len", "64", *extra]
-
-
 def torchrun(nproc, args, **popen):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                os.path.join(ROOT, "train.py"), *args]
@@ -440,10 +396,11 @@ def kill_everything(torchrun_pid):
 
 
 def losses(out):
-    """step -> loss from log.jsonl, the last record of each step (a resumed run logs some steps twice)."""
+    """step -> loss from log.jsonl; a resumed run must not have logged a step twice."""
     with open(os.path.join(out, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in records if "split" not in r}
+        steps = [r for r in map(json.loads, f) if "split" not in r]
+    assert len({r["step"] for r in steps}) == len(steps), [r["step"] for r in steps]
+    return {r["step"]: r["loss"] for r in steps}
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import data
 import demo
 import evaluate
 import train
-from conftest import FAMILIES
+from conftest import FAMILIES, ranked
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 HH_TEST = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
@@ -121,16 +121,6 @@ MODELS = {   # family -> (config class, tokenizer family, tied embeddings)
 }
 SIZE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256)
-
-
-def ranked(samples):
-    """The demo's known quality as rewards (0, 1, 2 -> -3, 1, 5), best first, as rescore.py would write them."""
-    out = []
-    for s in samples:
-        rewards = [4.0 * demo.demo_quality(s["prompt"], r) - 3.0 for r in s["responses"]]
-        order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
-        out.append(dict(s, responses=[s["responses"][i] for i in order], rewards=[rewards[i] for i in order]))
-    return out
 
 
 @pytest.fixture(scope="module")
