@@ -1,19 +1,20 @@
-"""Benchmark: a CLHA optimizer step next to a bare causal-LM step, same tokens, same model, train.py's FSDP2 setup.
+"""Benchmarks: a CLHA step next to a bare causal-LM step (train.py's FSDP2 setup), generation, data bookkeeping.
 
-    python benchmark.py                        # a 20M-parameter LLaMA (32k vocabulary), B = 2 prompts x K = 2, T = 256
-    python benchmark.py --model PATH --max-len 512 --steps 10                         # any causal LM checkpoint
-    torchrun --nproc_per_node 8 benchmark.py --model huggyllama/llama-7b --variant clha   # one variant, N GPUs
-    python benchmark.py --padding data/hh2/train.jsonl --model TOKENIZER --max-len 512   # padding share of batches
+    python benchmark.py                        # CPU smoke test: llama-tiny (19.5M), random weights, no download
+    python benchmark.py --suite                # one GPU, < 8 min: llama-1b steps, LLaMA-7B steps, generation
+    python benchmark.py --arch llama-1b --max-len 512            # one configuration; or --model PATH for a checkpoint
+    torchrun --nproc_per_node 8 benchmark.py --arch llama-7b --variant clha   # one variant on 8 GPUs
+    python benchmark.py --generate --arch llama-1b               # tokens/s of evaluate.py's greedy loop
+    python benchmark.py --padding SAMPLES --model TOKENIZER      # the padding share of train.py's batches
+    python benchmark.py --bookkeeping 160800                     # rescore.py's bookkeeping at HH-RLHF's size
 
-Prints, for each variant, tokens/s (real tokens, all ranks), step time, peak memory during the timed steps
-(allocated GPU memory; on CPUs the process's resident memory, sampled every millisecond) and the padding share of
-the batches, then the ratios CLHA / bare. Without --variant, each variant runs in a fresh process of its own,
-so that neither inherits the other's memory. The bare step is what plain SFT costs: next-token cross-entropy
-over every token of the same [B*K, T] batch. MFU (6 x parameters x tokens/s over the GPUs' bf16 peak) is shown
-on A100/A800/H100/H200.
+A step benchmark prints one JSON line per variant (tokens/s per GPU, step time, MFU, peak allocated and reserved
+memory) and a Markdown table with the CLHA / bare ratios; each variant runs in a fresh process. The bare step is
+what plain SFT costs: next-token cross-entropy over every token of the same [B*K, T] batch, which here has no
+padding (B prompts x K candidates of T tokens). MFU = model FLOPs per token (6 N + 12 L d T, PaLM's count, N the
+matmul parameters) x tokens/s over the GPU's dense bf16 peak (PEAK_TFLOPS, or --peak-tflops).
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -21,53 +22,109 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+import cli
 import data
 import train
+from cli import UserError, opt
 
-SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
-PEAK_BF16_FLOPS = {"A100": 312e12, "A800": 312e12, "H100": 989e12, "H800": 989e12, "H200": 989e12}
+ARCHS = {   # random-weight LlamaConfigs, so that nothing needs a download
+    "llama-tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                       tie_word_embeddings=False),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,   # Llama-3.2
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                     rope_theta=500000.0, tie_word_embeddings=True),
+    "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,  # LLaMA-1
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
+                     tie_word_embeddings=False),
+}
+PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("H800", 989),   # dense bf16,
+               ("A100", 312), ("A800", 312), ("L40S", 362)]                                          # first match
 
 
-def synthetic_batch(vocab_size, batch_size, K, max_len, seed):
-    """B prompts x K candidates of random lengths (a prompt shared by its candidates), right-padded to T."""
+@dataclass
+class Config:
+    arch: str = opt("llama-tiny", "a random-weight architecture (no download): " + " | ".join(ARCHS),
+                    choices=list(ARCHS))
+    model: str = opt("", "a causal LM checkpoint instead of --arch (its weights are not loaded)")
+    batch_size: int = opt(2, "prompts per device", at_least=1)
+    k: int = opt(2, "candidates per prompt", at_least=2)
+    max_len: int = opt(256, "T, tokens per sequence", at_least=8)
+    steps: int = opt(5, "timed optimizer steps", at_least=1)
+    warmup: int = opt(2, "untimed steps first", at_least=1)
+    dtype: str = opt("", "compute dtype ('' = bfloat16 on GPUs, float32 on CPUs, which run bf16 slowly)",
+                     choices=["", "bfloat16", "float32"])
+    activation_checkpointing: bool = opt(True, "as train.py")
+    cpu_offload: bool = opt(False, "as train.py")
+    compile: bool = opt(False, "as train.py")
+    peak_tflops: float = opt(0.0, "the GPU's dense bf16 peak in TFLOP/s for MFU (0 = from PEAK_TFLOPS)", at_least=0)
+    variant: str = opt("", "run only this variant, in this process", choices=["", "clha", "lm"])
+    suite: bool = opt(False, "the GPU suite: every configuration the README's GPU table reports")
+    generate: bool = opt(False, "instead: greedy tokens/s of evaluate.py's generation loop")
+    new_tokens: int = opt(128, "--generate: tokens per reply", at_least=1)
+    padding: str = opt("", "instead: the padding share of this sample file's batches, with --model's tokenizer")
+    bookkeeping: int = opt(0, "instead: rescore.py's bookkeeping for this many samples, fresh and half done",
+                           at_least=0)
+
+
+def model_config(cfg):
+    return cli.from_pretrained(AutoConfig, cfg.model, "--model") if cfg.model else LlamaConfig(**ARCHS[cfg.arch])
+
+
+def matmul_params(config):
+    """-> (all parameters, those in matrix multiplies): the input embedding is a lookup, but when it is tied to
+    the LM head it is multiplied there. Counted on the meta device: LLaMA-7B costs no memory here."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())            # a tied weight once
+    embedding = model.get_input_embeddings().weight
+    tied = embedding is model.get_output_embeddings().weight
+    return total, total - (0 if tied else embedding.numel())
+
+
+def flops_per_token(config, seq_len):
+    """Model FLOPs of one trained token, forward and backward: 6 per matmul parameter, and 12 L d T for the
+    attention scores and values (PaLM, appendix B). Activation recomputation is not counted (MFU, not HFU)."""
+    return 6 * matmul_params(config)[1] + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def peak_flops(device_name, override_tflops=0.0):
+    """The device's dense bf16 peak in FLOP/s, or None if unknown."""
+    if override_tflops:
+        return override_tflops * 1e12
+    return next((tflops * 1e12 for name, tflops in PEAK_TFLOPS if name in device_name), None)
+
+
+def full_batch(vocab_size, batch_size, K, max_len, seed):
+    """B prompts x K candidates of exactly T tokens each: a prompt of random length shared by its candidates,
+    then a response to the end. No padding, so tokens/s counts only real tokens and MFU is not diluted."""
     g = torch.Generator().manual_seed(seed)
-    N = batch_size * K
-    input_ids = torch.randint(4, vocab_size, (N, max_len), generator=g)                  # [B*K, T]
-    attention_mask = torch.zeros(N, max_len, dtype=torch.bool)
-    response_mask = torch.zeros(N, max_len, dtype=torch.bool)
+    input_ids = torch.randint(4, vocab_size, (batch_size * K, max_len), generator=g)       # [B*K, T]
+    response_mask = torch.zeros(batch_size * K, max_len, dtype=torch.bool)
     for b in range(batch_size):
         prompt = int(torch.randint(max_len // 4, max_len // 2, (), generator=g))
-        for k in range(K):
-            end = prompt + int(torch.randint(max_len // 8, max_len - prompt + 1, (), generator=g))
-            attention_mask[b * K + k, :end] = True
-            response_mask[b * K + k, prompt:end] = True
-    input_ids[~attention_mask] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-            "rewards": torch.randn(batch_size, K, generator=g) * 5,
-            "sft_index": torch.zeros(batch_size, dtype=torch.long)}
+        response_mask[b * K:(b + 1) * K, prompt:] = True
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(response_mask), "response_mask": response_mask,
+            "rewards": torch.randn(batch_size, K, generator=g) * 5, "sft_index": torch.zeros(batch_size, dtype=torch.long)}
 
 
 class PeakRSS:
-    """Peak resident memory of this process since start(), sampled every millisecond: ru_maxrss cannot be reset,
-    and would report the model loading rather than the training steps."""
-    def __init__(self):
-        self.peak, self.running = 0, False
-
+    """Peak resident memory of this process since start(), sampled every millisecond (CPU runs): ru_maxrss cannot
+    be reset, and would report the model loading rather than the training steps."""
     def start(self):
         self.peak, self.running = 0, True
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self):
-        page = os.sysconf("SC_PAGE_SIZE")
         while self.running:
             with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+                self.peak = max(self.peak, int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
             time.sleep(0.001)
 
     def stop_gb(self):
@@ -76,35 +133,27 @@ class PeakRSS:
 
 
 def bare_lm_loss(model, batch, device):
-    """Plain next-token cross-entropy over every real token: the baseline a CLHA step is compared with."""
-    ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    return model(input_ids=ids, attention_mask=attention.long(), labels=ids.masked_fill(~attention, -100)).loss
+    """Plain next-token cross-entropy over every token: the baseline a CLHA step is compared with."""
+    ids = batch["input_ids"].to(device)
+    return model(input_ids=ids, labels=ids).loss
 
 
-def padding_share(samples, tokenizer, batch_size, group_by_length, max_len=512, max_prompt_len=384, seed=0):
-    """Share of the tokens in one epoch of train.py's [B*K, T] batches that are padding."""
-    lengths = [data.sample_length(s) for s in samples]                 # what train.py groups by
-    padded = real = 0
-    for step in data.step_batches(lengths, batch_size, seed, 0, group_by_length):
-        chunk = [samples[i] for i in step]
-        batch = data.make_batch(tokenizer, chunk, max_len, max_prompt_len)
-        padded, real = padded + batch["input_ids"].numel(), real + batch["attention_mask"].sum().item()
-    return 1 - real / padded
-
-
-def run_variant(args):
+def run_variant(cfg):
     """Time optimizer steps of one variant; print one JSON line (rank 0)."""
-    rank, world, device = train.init_distributed()
+    rank, world, device = train.init_distributed(cfg.cpu_offload)
     try:
-        cfg = train.Config(model=args.model, dtype=args.dtype, activation_checkpointing=args.activation_checkpointing)
-        model = train.build_model(cfg, device, rank)
+        config = model_config(cfg)
+        dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        tcfg = train.Config(model=cfg.model, dtype=dtype, activation_checkpointing=cfg.activation_checkpointing,
+                            cpu_offload=cfg.cpu_offload, compile=cfg.compile)
+        model = train.build_model(tcfg, config, device, rank, weights=False)     # random weights, in the shards
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-        vocab, rss = model.config.vocab_size, PeakRSS()
-        batches = [synthetic_batch(vocab, args.batch_size, args.k, args.max_len, seed=rank * 1000 + i)
-                   for i in range(args.warmup + args.steps)]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda" and not cfg.cpu_offload)
+        batches = [full_batch(config.vocab_size, cfg.batch_size, cfg.k, cfg.max_len, seed=rank * 1000 + i)
+                   for i in range(cfg.warmup + cfg.steps)]
+        rss = PeakRSS()
         for i, batch in enumerate(batches):
-            if i == args.warmup:                                       # the clock starts after the warmup steps
+            if i == cfg.warmup:                                        # the clock starts after the warmup steps
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -112,8 +161,8 @@ def run_variant(args):
                     rss.start()
                 dist.barrier()
                 start = time.perf_counter()
-            if args.variant == "clha":
-                loss, _ = train.objective(cfg, model, batch, args.k, device)
+            if cfg.variant == "clha":
+                loss, _ = train.objective(tcfg, model, batch, cfg.k, device)
             else:
                 loss = bare_lm_loss(model, batch, device)
             loss.backward()
@@ -123,73 +172,192 @@ def run_variant(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         dist.barrier()
-        seconds = (time.perf_counter() - start) / args.steps
-        tokens = torch.tensor(float(sum(b["attention_mask"].sum() for b in batches[args.warmup:])), device=device)
-        peak = torch.tensor(train.peak_memory_gb(device) if device.type == "cuda" else rss.stop_gb(), device=device)
-        dist.all_reduce(tokens)
+        step_s = (time.perf_counter() - start) / cfg.steps
+        memory = train.memory_gb(device) if device.type == "cuda" else {"peak_mem_gb": rss.stop_gb()}
+        peak = torch.tensor(list(memory.values()), device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        padding = 1 - sum(b["attention_mask"].float().mean() for b in batches).item() / len(batches)
-        params = sum(p.numel() for p in model.parameters())
-        result = {"variant": args.variant, "tokens_per_s": tokens.item() / args.steps / seconds,
-                  "step_s": seconds, "peak_gb": peak.item(), "padding": padding, "params": params, "world": world,
-                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-        peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in result["device"]), None)
-        result["mfu"] = 6 * params * result["tokens_per_s"] / (world * peak_flops) if peak_flops else None
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        tokens_per_s = cfg.batch_size * cfg.k * cfg.max_len / step_s                  # per GPU
+        flops = flops_per_token(config, cfg.max_len)
+        peak_device = peak_flops(name, cfg.peak_tflops)
+        result = {"variant": cfg.variant, "arch": cfg.model or cfg.arch, "params": matmul_params(config)[0],
+                  "world": world, "device": name, "dtype": tcfg.dtype, "B": cfg.batch_size, "K": cfg.k,
+                  "T": cfg.max_len, "activation_checkpointing": cfg.activation_checkpointing,
+                  "cpu_offload": cfg.cpu_offload, "compile": cfg.compile, "step_s": round(step_s, 4),
+                  "tokens_per_s_per_gpu": round(tokens_per_s, 1),
+                  "mfu": round(flops * tokens_per_s / peak_device, 4) if peak_device else None,
+                  **{k: round(v, 2) for k, v in zip(memory, peak.tolist())}}
         if rank == 0:
             print("RESULT " + json.dumps(result), flush=True)
     finally:
         dist.destroy_process_group()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="", help="causal LM checkpoint ('' = a 20M-parameter LLaMA, random init)")
-    parser.add_argument("--batch-size", type=int, default=2, help="prompts per device")
-    parser.add_argument("--k", type=int, default=2, help="candidates per prompt")
-    parser.add_argument("--max-len", type=int, default=256, help="T, tokens per sequence")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                        help="compute dtype (default: bfloat16 on GPUs; float32 on CPUs, which run bf16 slowly)")
-    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--variant", choices=["clha", "lm"], help="run only this variant, in this process")
-    parser.add_argument("--padding", metavar="SAMPLES", help="instead: the padding share of SAMPLES' batches, "
-                        "with and without --group-by-length, tokenized by --model's tokenizer")
-    args = parser.parse_args()
-    if args.padding:
-        samples, tokenizer = data.read_samples(args.padding), AutoTokenizer.from_pretrained(args.model)
-        for group in (False, True):
-            share = padding_share(samples, tokenizer, args.batch_size, group, args.max_len)
-            print(f"{args.padding}: B = {args.batch_size}, --group-by-length {group}: {share:.1%} padding")
-        return
-    if args.variant:
-        return run_variant(args)
+def run_in_subprocess(argv):
+    """One variant in a fresh process (so that neither inherits the other's memory) -> its result."""
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"benchmark.py {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+    print(lines[-1], flush=True)
+    return json.loads(lines[-1][len("RESULT "):])
 
+
+def table(results):
+    """Markdown: one row per result, then CLHA / bare for each pair of results that differ only in variant."""
+    lines = ["| arch | variant | setting | tokens/s per GPU | step (s) | MFU | peak memory (GB) | reserved (GB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    setting = lambda r: ", ".join(["AC" if r["activation_checkpointing"] else "no AC"] +
+                                  ["CPU offload"] * r["cpu_offload"] + ["compile"] * r["compile"])
+    for r in results:
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+        reserved = f"{r['reserved_gb']:.2f}" if "reserved_gb" in r else "n/a"      # a CPU's is its RSS
+        lines.append(f"| {r['arch']} | {r['variant']} | {setting(r)}, B {r['B']} x K {r['K']} x T {r['T']} | "
+                     f"{r['tokens_per_s_per_gpu']:.0f} | {r['step_s']:.3f} | {mfu} | {r['peak_mem_gb']:.2f} | "
+                     f"{reserved} |")
+    same = ("arch", "B", "K", "T", "activation_checkpointing", "cpu_offload", "compile")
+    for lm in (r for r in results if r["variant"] == "lm"):
+        for clha in (r for r in results if r["variant"] == "clha"):
+            if all(clha[k] == lm[k] for k in same):
+                lines.append(f"| {lm['arch']} | CLHA / bare | {setting(lm)} | "
+                             f"{clha['tokens_per_s_per_gpu'] / lm['tokens_per_s_per_gpu']:.2f}x | | | "
+                             f"{clha['peak_mem_gb'] / lm['peak_mem_gb']:.2f}x | |")
+    return "\n".join(lines)
+
+
+def environment():
+    cuda = f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no CUDA"
+    return f"torch {torch.__version__}, {cuda}, {time.strftime('%Y-%m-%d')}"
+
+
+@torch.inference_mode()
+def generation_speed(cfg):
+    """New tokens/s of evaluate.greedy (the KV-cached greedy loop of Table 2's protocol) on random prompts of
+    384 tokens, every row generating --new-tokens tokens."""
+    import evaluate
+    from transformers import GenerationConfig
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config(cfg), dtype=dtype).eval()
+    model.generation_config = GenerationConfig()                   # no EOS: every row runs to the end
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    for batch_size in (8, 32) if device.type == "cuda" else (cfg.batch_size,):
+        ids = torch.randint(4, model.config.vocab_size, (batch_size, 384))
+        evaluate.greedy(model, ids[:, :16], torch.ones_like(ids[:, :16]), 4, pad=0)   # warm up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        new = evaluate.greedy(model, ids, torch.ones_like(ids), cfg.new_tokens, pad=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        print("RESULT " + json.dumps({"generate": cfg.model or cfg.arch, "device": name, "dtype": str(dtype)[6:],
+                                      "batch": batch_size, "prompt": 384, "new_tokens": new.shape[1],
+                                      "new_tokens_per_s": round(new.numel() / seconds, 1),
+                                      "seconds": round(seconds, 2)}), flush=True)
+
+
+def bookkeeping(n):
+    """rescore.py's own work (reading, resume bookkeeping, writing, merging; the reward model replaced by a
+    constant) for n samples of HH-RLHF's size, fresh and resumed after a kill at half."""
+    import rescore
     with tempfile.TemporaryDirectory() as folder:
-        if not args.model:
-            torch.manual_seed(0)
-            LlamaForCausalLM(LlamaConfig(**SMALL)).save_pretrained(folder)
-            args.model = folder
-        results = {}
-        for variant in ("lm", "clha"):
-            command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--model", args.model,
-                       "--variant", variant]
-            done = subprocess.run(command, capture_output=True, text=True)
-            lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-            if done.returncode or not lines:
-                raise SystemExit(f"the {variant} run failed:\n{done.stderr[-3000:]}")
-            results[variant] = json.loads(lines[-1][len("RESULT "):])
-    lm, clha = results["lm"], results["clha"]
-    print(f"{lm['params'] / 1e6:.1f}M parameters on {lm['world']} x {lm['device']}, {args.dtype}, "
-          f"B = {args.batch_size} prompts x K = {args.k}, T = {args.max_len}, padding {lm['padding']:.1%}, "
-          f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}")
-    print("| step | tokens/s | step time (s) | peak memory (GB) | MFU |\n|---|---|---|---|---|")
-    for name, r in (("bare causal LM", lm), ("CLHA", clha)):
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_gb']:.2f} | {mfu} |")
-    print(f"| CLHA / bare | {clha['tokens_per_s'] / lm['tokens_per_s']:.2f}x | | "
-          f"{clha['peak_gb'] / lm['peak_gb']:.2f}x | |")
+        path, out = os.path.join(folder, "train.jsonl"), os.path.join(folder, "train.rm.jsonl")
+        turn = "\n\nHuman: " + "How do I make a good cup of tea at home? " * 6 + "\n\nAssistant:"
+        data.write_jsonl(path, [{"id": f"s{i}", "prompt": turn * 2, "responses": ["Boil water. " * 9, "No. " * 25],
+                                 "rewards": None, "sft_index": 0} for i in range(n)])
+        scored = []
+
+        def constant(prompts, responses, stop_at=None):
+            scored.append(len(responses))
+            if stop_at is not None and sum(scored) >= stop_at:
+                raise KeyboardInterrupt                            # a kill, half way through
+            return [0.5] * len(responses)
+        start = time.perf_counter()
+        rescore.rescore_file("none", path, out, score_fn=constant)
+        fresh = time.perf_counter() - start
+        os.remove(out)
+        try:
+            rescore.rescore_file("none", path, out, score_fn=lambda p, r: constant(p, r, stop_at=2 * n))
+        except KeyboardInterrupt:
+            pass
+        start = time.perf_counter()
+        rescore.rescore_file("none", path, out, score_fn=constant)
+        resumed = time.perf_counter() - start
+    print(f"rescore.py bookkeeping for {n} samples: {fresh:.1f} s fresh, {resumed:.1f} s resumed from half done")
+    return fresh, resumed
+
+
+def suite(cfg, argv):
+    """The README's GPU measurements on one GPU, each in a fresh process: llama-1b at the paper's micro-batch,
+    LLaMA-7B CLHA (with --cpu-offload where 7B's 108 GB of fp32 state does not fit), and generation."""
+    if not torch.cuda.is_available():
+        raise UserError("--suite needs a CUDA GPU (torch.cuda.is_available() is False); for a CPU smoke test "
+                        "run: python benchmark.py --arch llama-tiny")
+    print(environment(), flush=True)
+    paper = ["--arch", "llama-1b", "--batch-size", "2", "--k", "2", "--max-len", "512", "--steps", "10"]
+    gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    rows = [paper + ["--variant", v] + ac for ac in ([], ["--no-activation-checkpointing"]) for v in ("lm", "clha")]
+    rows.append(paper + ["--variant", "clha", "--compile"])
+    seven_b = ["--arch", "llama-7b", "--batch-size", "2", "--k", "2", "--max-len", "512", "--steps", "3",
+               "--variant", "clha"]
+    if gpu_gb >= 120:
+        rows.append(seven_b)
+    elif host_gb >= 130:
+        rows.append(seven_b + ["--cpu-offload"])
+    else:
+        print(f"skipping LLaMA-7B: {gpu_gb:.0f} GB of GPU and {host_gb:.0f} GB of host memory hold less than its "
+              "108 GB of fp32 weights, gradients and AdamW state")
+    results = []
+    for row in rows + [["--generate", "--arch", "llama-1b"]]:
+        try:
+            results.append(run_in_subprocess(row + ([f"--peak-tflops={cfg.peak_tflops}"] if cfg.peak_tflops else [])))
+        except RuntimeError as e:                                  # out of memory, say: report it, keep going
+            print(f"FAILED: {e}", flush=True)
+    steps = [r for r in results if "variant" in r]
+    print(table(steps))
+    for r in results:
+        if "generate" in r:
+            print(f"generation, {r['generate']}, batch {r['batch']}: {r['new_tokens_per_s']:.0f} new tokens/s")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = cli.parse(Config, argv, __doc__.split("\n")[0])
+    if cfg.padding:
+        cli.input_file(cfg.padding, "--padding")
+        samples = data.read_samples(cfg.padding)
+        tokenizer = cli.from_pretrained(AutoTokenizer, cfg.model, "--model")
+        for group in (False, True):
+            share = padding_share(samples, tokenizer, cfg.batch_size, group, cfg.max_len)
+            print(f"{cfg.padding}: B = {cfg.batch_size}, --group-by-length {group}: {share:.1%} padding")
+        return None
+    if cfg.bookkeeping:
+        return bookkeeping(cfg.bookkeeping)
+    if cfg.generate:
+        return generation_speed(cfg)
+    if cfg.suite:
+        return suite(cfg, argv)
+    if cfg.variant:
+        return run_variant(cfg)
+    results = [run_in_subprocess(argv + ["--variant", variant]) for variant in ("lm", "clha")]
+    print(environment())
+    print(table(results))
+    return results
+
+
+def padding_share(samples, tokenizer, batch_size, group_by_length, max_len=512, max_prompt_len=384, seed=0):
+    """Share of the tokens in one epoch of train.py's [B*K, T] batches that are padding."""
+    lengths = [data.sample_length(s) for s in samples]                 # what train.py groups by
+    padded = real = 0
+    for step in data.step_batches(lengths, batch_size, seed, 0, group_by_length):
+        batch = data.make_batch(tokenizer, [samples[i] for i in step], max_len, max_prompt_len)
+        padded, real = padded + batch["input_ids"].numel(), real + batch["attention_mask"].sum().item()
+    return 1 - real / padded
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

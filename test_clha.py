@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPTNeoXConfig, GPTNeoXModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+import benchmark
 import checkpoint
 import clha_loss
 import cli
@@ -372,12 +373,13 @@ def test_sampling_ranks_resume_and_seed():
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def torchrun(nproc, args, **popen):
+def torchrun(nproc, args, env=None, **popen):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                os.path.join(ROOT, "train.py"), *args]
     if popen:
         return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -427,6 +429,22 @@ def test_two_processes_match_one(tiny, two_rank_run, tmp_path):
     w1, w2 = master_weights(tmp_path / "one", 9), master_weights(two_rank_run, 9)
     w0 = LlamaForCausalLM.from_pretrained(tiny["base"]).state_dict()
     for name in w1:   # equal up to rounding: far closer than what 9 steps of training moved them
+        assert (w1[name] - w2[name]).norm() < 1e-3 * (w1[name] - w0[name]).norm(), name
+
+
+def test_cpu_offload_and_compile_give_the_default_losses(tiny, two_rank_run, tmp_path):
+    """--cpu-offload (FSDP2's CPUOffloadPolicy: fp32 shards, gradients and AdamW state in host memory) and --compile
+    (each decoder layer's forward through torch.compile) train to the default path's losses. One run tests both,
+    to keep the suite short. The compiler backend is aot_eager: dynamo and AOT autograd trace each layer with
+    FSDP2's hooks and the activation checkpoint around it, without inductor's C++ code generation, which takes a
+    minute on 2 cores (inductor itself gives the same losses, checked by hand)."""
+    out = tmp_path / "run"
+    torchrun(2, train_args(tiny, out, "--max-steps", "9", "--dtype", "float32", "--cpu-offload", "--compile"),
+             env={"TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager"})
+    assert losses(out) == pytest.approx(losses(two_rank_run), rel=1e-5)
+    w1, w2 = master_weights(out, 9), master_weights(two_rank_run, 9)
+    w0 = LlamaForCausalLM.from_pretrained(tiny["base"]).state_dict()
+    for name in w1:
         assert (w1[name] - w2[name]).norm() < 1e-3 * (w1[name] - w0[name]).norm(), name
 
 
@@ -1052,6 +1070,51 @@ def test_torchrun_two_processes_equal_one(env, full_run, monkeypatch, capsys):
     evaluate.main()
     rows = capsys.readouterr().out.splitlines()
     assert rows[2].startswith(f"| {out1} |") and rows[3].startswith(f"| {out2} |")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# benchmark.py: the named architectures, MFU, the GPU suite; --cpu-offload and --compile applied
+# ---------------------------------------------------------------------------------------------------------
+
+def test_architectures_and_mfu_by_hand():
+    from transformers import LlamaConfig
+    # parameter counts published for the models these configs copy, counted on the meta device (no memory)
+    seven_b, one_b = (LlamaConfig(**benchmark.ARCHS[a]) for a in ("llama-7b", "llama-1b"))
+    assert benchmark.matmul_params(seven_b) == (6_738_415_616, 6_738_415_616 - 32_000 * 4_096)   # embedding: lookup
+    assert benchmark.matmul_params(one_b) == (1_235_814_400, 1_235_814_400)      # tied: multiplied in the head
+    # 6 N + 12 L d T at T = 512: 6 x 6,607,343,616 + 12 x 32 x 4,096 x 512 = 39,644,061,696 + 805,306,368
+    assert benchmark.flops_per_token(seven_b, 512) == 40_449_368_064
+    assert benchmark.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert benchmark.peak_flops("NVIDIA H100 PCIe") == 756e12 and benchmark.peak_flops("NVIDIA H200") == 989e12
+    assert benchmark.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and benchmark.peak_flops("cpu") is None
+    assert benchmark.peak_flops("NVIDIA H100 80GB HBM3", override_tflops=500) == 500e12
+    # MFU of 3,000 tokens/s on one H100 at 7B: 40.45e9 x 3,000 / 989e12 = 12.27%
+    assert 40_449_368_064 * 3000 / benchmark.peak_flops("H100") == pytest.approx(0.12270, abs=1e-5)
+
+
+def test_gpu_suite_needs_a_gpu(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.run(benchmark.main, ["--suite"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err == ("error: --suite needs a CUDA GPU (torch.cuda.is_available() is False); "
+                                            "for a CPU smoke test run: python benchmark.py --arch llama-tiny\n")
+
+
+def test_random_init_offload_and_compile_are_applied(one_process):
+    """What benchmark.py builds without a checkpoint, and what --cpu-offload and --compile change in the model."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    from transformers import LlamaConfig
+    rank, _, device = one_process
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.02)
+    cfg = train.Config(model="none", cpu_offload=True, compile=True)
+    model = train.build_model(cfg, config, device, rank, weights=False)
+    layer = model.model.layers[0]
+    assert isinstance(layer._get_fsdp_state()._fsdp_param_group.offload_policy, CPUOffloadPolicy)
+    assert hasattr(layer.forward, "_torchdynamo_orig_callable")                    # torch.compile'd
+    weight = layer.mlp.up_proj.weight.to_local()                                  # random init, not to_empty's bytes
+    assert torch.isfinite(weight).all() and 0.015 < weight.std().item() < 0.025
+    assert torch.allclose(model.model.rotary_emb.inv_freq, 1 / 10000 ** (torch.arange(0, 8, 2) / 8))
 
 
 # ---------------------------------------------------------------------------------------------------------
