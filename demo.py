@@ -2,6 +2,7 @@
 
     python train.py                         # (= python demo.py) data, reward model, rescoring, CLHA, evaluation
     python demo.py --ablations --seeds 0 1 2    # a mini Table 3: CLHA and its ablations, and PRO, on the same data
+    python demo.py --check-readme               # CI: a fresh run's table must be the one README.md shows
 
 Every stage writes its output under --out (default demo/) and is skipped when that output exists, so a second
 run only prints the tables. The data (`make_demo_data`) are replies of known quality to templated requests:
@@ -265,10 +266,27 @@ class Config:
     ablations: bool = opt(False, "train and compare Table 3's variants and PRO")
     seeds: list[int] = opt((0,), "training seeds (data order)", nargs="+")
     max_steps: int = opt(0, "stop each training early (0 = 2 epochs)", at_least=0)
+    check_readme: bool = opt(False, "run the demo in a fresh folder and fail if README.md shows another table")
+
+
+def check_readme(readme=os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")):
+    """CI: the table a fresh `python train.py` prints must be the one README.md shows under '==== done in'."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        printed = table(main(["--out", folder])).splitlines()
+    with open(readme, encoding="utf-8") as f:
+        lines = f.read().split("==== done in", 1)[1].splitlines()[1:]
+    shown = lines[:next(i for i, line in enumerate(lines) if not line.startswith("|"))]
+    if printed != shown:
+        print("README.md shows:", *shown, sep="\n")
+        raise UserError(f"{readme}: its demo table is not what python train.py prints (above): update it")
+    print(f"{readme}: the demo table is what python train.py prints")
 
 
 def main(argv=None):
     cfg = cli.parse(Config, argv, __doc__.split("\n")[0])
+    if cfg.check_readme:
+        return check_readme()
     start = time.time()
     base, rm = prepare(cfg.out, cfg.n_train, cfg.n_test)
 

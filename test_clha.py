@@ -504,6 +504,21 @@ def test_sharded_model_and_export_give_from_pretrained_logits(tiny, tokenizer, o
         assert sorted(os.listdir(tmp_path)) == ["final"]                          # no final.tmp left
 
 
+def test_validation_is_a_mean_over_prompts(tiny, tokenizer, one_process):
+    """5 dev prompts in micro-batches of 2, 2 and 1: each prompt weighs the same, the half-full batch included."""
+    from transformers import AutoConfig
+    rank, world, device = one_process
+    cfg = train.Config(model=tiny["base"], dtype="float32", batch_size=2)
+    model = train.build_model(cfg, AutoConfig.from_pretrained(tiny["base"]), device, rank)
+    dev = tiny["dev_samples"][:5]
+    got = train.validate(cfg, model, dev, tokenizer, 2, rank, world, device)
+    with torch.no_grad():
+        alone = [train.objective(cfg, model, data.make_batch(tokenizer, [s], cfg.max_len, cfg.max_prompt_len), 2,
+                                 device)[1] for s in dev]
+    for key in ("loss", "loss_rank", "loss_sft", "acc"):
+        assert got[key] == pytest.approx(sum(m[key].item() for m in alone) / 5, rel=1e-5), key
+
+
 def held_out_accuracy(model_dir, samples):
     from transformers import AutoTokenizer
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -786,7 +801,9 @@ def rm_demo(tmp_path_factory):
 
 
 def test_llama_scores_equal_a_hand_forward_in_a_padded_batch(rm_demo):
+    assert rescore.load_reward_model(str(rm_demo / "base"), dtype="bfloat16")[0].dtype == torch.bfloat16   # --dtype
     model, tokenizer, format_fn = rescore.load_reward_model(str(rm_demo / "base"))
+    assert model.dtype == torch.float32                                           # the authors' default
     assert model.config.pad_token_id == 3 and format_fn("\n\nHuman: Hi\n\nAssistant:", " Hello ") == (
         "<s>\n\nHuman: Hi\n\nAssistant: Hello</s>")
     samples = data.read_samples(str(rm_demo / "test.jsonl"))[:4]
