@@ -12,7 +12,8 @@ A step benchmark prints one JSON line per variant (tokens/s per GPU, step time, 
 memory) and a Markdown table with the CLHA / bare ratios; each variant runs in a fresh process. The bare step is
 what plain SFT costs: next-token cross-entropy over every token of the same [B*K, T] batch, which here has no
 padding (B prompts x K candidates of T tokens). MFU = model FLOPs per token (6 N + 12 L d T, PaLM's count, N the
-matmul parameters) x tokens/s over the GPU's dense bf16 peak (PEAK_TFLOPS, or --peak-tflops).
+matmul parameters, the LM head's counted only where it runs) x tokens/s over the GPU's dense bf16 peak
+(PEAK_TFLOPS, or --peak-tflops).
 """
 
 import json
@@ -88,10 +89,13 @@ def matmul_params(config):
     return total, total - (0 if tied else embedding.numel())
 
 
-def flops_per_token(config, seq_len):
+def flops_per_token(config, seq_len, head_share=1.0):
     """Model FLOPs of one trained token, forward and backward: 6 per matmul parameter, and 12 L d T for the
-    attention scores and values (PaLM, appendix B). Activation recomputation is not counted (MFU, not HFU)."""
-    return 6 * matmul_params(config)[1] + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    attention scores and values (PaLM, appendix B). Activation recomputation is not counted (MFU, not HFU).
+    head_share: the share of positions the LM head runs on (CLHA's runs from the first response token on)."""
+    head = config.vocab_size * config.hidden_size
+    return (6 * (matmul_params(config)[1] - head) + 6 * head * head_share
+            + 12 * config.num_hidden_layers * config.hidden_size * seq_len)
 
 
 def peak_flops(device_name, override_tflops=0.0):
@@ -178,13 +182,16 @@ def run_variant(cfg):
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         tokens_per_s = cfg.batch_size * cfg.k * cfg.max_len / step_s                  # per GPU
-        flops = flops_per_token(config, cfg.max_len)
+        # the positions the CLHA step's LM head runs on, as train.policy_logps cuts them
+        starts = [int(b["response_mask"].float().argmax(dim=1).min()) - 1 for b in batches[cfg.warmup:]]
+        head_share = 1.0 if cfg.variant == "lm" else sum(1 - s / cfg.max_len for s in starts) / len(starts)
+        flops = flops_per_token(config, cfg.max_len, head_share)
         peak_device = peak_flops(name, cfg.peak_tflops)
         result = {"variant": cfg.variant, "arch": cfg.model or cfg.arch, "params": matmul_params(config)[0],
                   "world": world, "device": name, "dtype": tcfg.dtype, "B": cfg.batch_size, "K": cfg.k,
                   "T": cfg.max_len, "activation_checkpointing": cfg.activation_checkpointing,
                   "cpu_offload": cfg.cpu_offload, "compile": cfg.compile, "step_s": round(step_s, 4),
-                  "tokens_per_s_per_gpu": round(tokens_per_s, 1),
+                  "tokens_per_s_per_gpu": round(tokens_per_s, 1), "head_share": round(head_share, 3),
                   "mfu": round(flops * tokens_per_s / peak_device, 4) if peak_device else None,
                   **{k: round(v, 2) for k, v in zip(memory, peak.tolist())}}
         if rank == 0:
@@ -331,8 +338,9 @@ def main(argv=None):
         cli.input_file(cfg.padding, "--padding")
         samples = data.read_samples(cfg.padding)
         tokenizer = cli.from_pretrained(AutoTokenizer, cfg.model, "--model")
-        for group in (False, True):
-            share = padding_share(samples, tokenizer, cfg.batch_size, group, cfg.max_len)
+        data.check_tokenizer(tokenizer, "--model")
+        for group in (False, True):       # prompts cut to 3/4 of --max-len, as train.py's 384 of 512
+            share = padding_share(samples, tokenizer, cfg.batch_size, group, cfg.max_len, cfg.max_len * 3 // 4)
             print(f"{cfg.padding}: B = {cfg.batch_size}, --group-by-length {group}: {share:.1%} padding")
         return None
     if cfg.bookkeeping:

@@ -86,8 +86,11 @@ def clean(cfg, resume_from, rank):
     one we resume from (the resumed run writes them again); keep log.jsonl to the steps that will not rerun."""
     if rank != 0:
         return
+    final = os.path.join(cfg.out, "final")
+    if os.path.isdir(final + ".old") and not os.path.exists(final):   # a kill in the middle of export_hf's swap
+        os.replace(final + ".old", final)
     for path in glob.glob(os.path.join(glob.escape(cfg.out), "checkpoints", "*.tmp")) + \
-            glob.glob(os.path.join(glob.escape(cfg.out), "final.tmp")):
+            glob.glob(glob.escape(final) + ".tmp") + glob.glob(glob.escape(final) + ".old"):
         shutil.rmtree(path)
     for path in step_dirs(cfg.out) if resume_from else []:
         if path > resume_from:                                 # step_N names sort by N
@@ -95,11 +98,21 @@ def clean(cfg, resume_from, rank):
     start = read_step(resume_from) if resume_from else 0
     log = os.path.join(cfg.out, "log.jsonl")
     if os.path.exists(log):            # a resumed run logs the steps after `start` again: drop the old lines
-        with open(log) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+        with open(log, "rb") as f:     # and a line a kill left unfinished
+            lines = f.read().decode("utf-8", errors="replace").split("\n")[:-1]
+        kept = [line + "\n" for line in lines if logged_step(line) is not None and logged_step(line) <= start]
         with open(log + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(log + ".tmp", log)
+
+
+def logged_step(line):
+    """The step of a log.jsonl line, None if the line is not a record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step") if isinstance(record, dict) else None
 
 
 def read_step(path):
@@ -166,7 +179,9 @@ def export_hf(cfg, model, tokenizer, rank):
         shutil.rmtree(final + ".tmp", ignore_errors=True)
         plain.save_pretrained(final + ".tmp")
         tokenizer.save_pretrained(final + ".tmp")
-        shutil.rmtree(final, ignore_errors=True)
+        if os.path.exists(final):                              # swapped, so that some final/ exists at all times
+            os.replace(final, final + ".old")
         os.replace(final + ".tmp", final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
         print(f"saved {final} ({str(dtype).removeprefix('torch.')})")
     dist.barrier()

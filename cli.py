@@ -115,8 +115,9 @@ def from_pretrained(loader, path, flag, **kwargs):
     """loader.from_pretrained(path), with a missing or unreadable checkpoint as one line naming the flag."""
     if looks_local(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path}: no such folder (a checkpoint folder, or a hub id such as owner/name)")
+    from safetensors import SafetensorError
     try:
         return loader.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:          # transformers' words for "not a checkpoint I can read"
+    except (OSError, ValueError, SafetensorError) as e:   # "not a checkpoint I can read", e.g. a partial download
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{flag} {path}: cannot load it: {reason}") from None

@@ -124,7 +124,7 @@ def _from_authors_format(obj, where):
             "responses": suffix, "rewards": obj.get("reward"), "sft_index": obj.get("sft_index", 0)}
 
 
-def check_sample(s, where):
+def check_sample(s, where, min_responses=2):
     """Raise a UserError naming `where` (file:line) unless `s` is a well-formed sample."""
     for key, kind in (("id", str), ("prompt", str), ("responses", list), ("sft_index", int)):
         if not isinstance(s.get(key), kind) or isinstance(s.get(key), bool):
@@ -132,8 +132,8 @@ def check_sample(s, where):
     if not s["prompt"].strip():
         raise UserError(f"{where}: the prompt is empty")
     K, rewards = len(s["responses"]), s.get("rewards")
-    if K < 2 or not all(isinstance(r, str) and r.strip() for r in s["responses"]):
-        raise UserError(f"{where}: 'responses' must hold at least 2 non-empty strings")
+    if K < min_responses or not all(isinstance(r, str) and r.strip() for r in s["responses"]):
+        raise UserError(f"{where}: 'responses' must hold at least {min_responses} non-empty strings")
     if rewards is not None and not (isinstance(rewards, list) and len(rewards) == K and all(
             isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in rewards)):
         raise UserError(f"{where}: 'rewards' must be null or a list of {K} finite numbers, one per response; "
@@ -144,13 +144,13 @@ def check_sample(s, where):
         raise UserError(f"{where}: field 'subset' must be a string")
 
 
-def read_samples(path):
+def read_samples(path, min_responses=2):
     """Samples from a file in our format or the authors' released format (detected per line)."""
     samples = []
     for line_no, obj in _json_lines(path):
         where = f"{path}:{line_no}"
         sample = _from_authors_format(obj, where) if "prefix" in obj else obj
-        check_sample(sample, where)
+        check_sample(sample, where, min_responses)
         samples.append(sample)
     if not samples:
         raise UserError(f"{path}: no samples, the file is empty")
@@ -169,6 +169,21 @@ def write_jsonl(path, samples):
         for s in samples:
             f.write(json.dumps(s, ensure_ascii=False) + "\n")
     os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    """One JSON document (settings, results), written atomically like write_jsonl."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); delete it to start over") from None
 
 
 # ---- the paper's splits (Sec. 3.1) ------------------------------------------------------------------------
@@ -213,7 +228,7 @@ def add_responses(samples, extra_path):
     and the count is printed, so that every sample ends with the same K.
     """
     extra = {}
-    for s in read_samples(extra_path):
+    for s in read_samples(extra_path, min_responses=1):         # e.g. one ChatGPT reply per prompt
         extra.setdefault(s["prompt"], []).extend(s["responses"])
     out = []
     for s in samples:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import cli
 from cli import UserError, opt
 from clha_loss import sequence_logps
-from data import encode_prompt, make_batch, pad_id, read_samples, write_jsonl
+from data import encode_prompt, make_batch, pad_id, read_json, read_samples, write_json, write_jsonl
 
 STOP_STRINGS = ("Human:", "human:", "Assistant:", "assistant:")
 
@@ -260,12 +260,11 @@ def evaluate(model, reward_model, data, out, batch_size=8, max_new_tokens=128, m
                 "max_new_tokens": max_new_tokens, "max_prompt_len": max_prompt_len, "dtype": dtype}
     settings_path, part_dir = os.path.join(out, "settings.json"), os.path.join(out, "parts")
     if os.path.exists(settings_path):
-        with open(settings_path) as f:
-            old = json.load(f)
+        old = read_json(settings_path)
         changed = [k for k in settings if old.get(k) != settings[k]]
         if changed:
-            raise UserError(f"--out {out} holds a run with other {', '.join(changed)} ({old[changed[0]]}): pass "
-                            "the same settings to resume it, or a new --out")
+            raise UserError(f"--out {out} holds a run with other {', '.join(changed)} ({old.get(changed[0])}): "
+                            "pass the same settings to resume it, or a new --out")
     cli.output_dir(part_dir, "--out")
     my_part = os.path.join(part_dir, f"rank{rank}.jsonl")
     if os.path.exists(my_part):                                       # cut an unfinished line before appending
@@ -279,8 +278,7 @@ def evaluate(model, reward_model, data, out, batch_size=8, max_new_tokens=128, m
     todo = [s for i, s in enumerate(samples) if i % world == rank and s["id"] not in done]
     barrier()                                                         # every rank has read before any appends
     if rank == 0:
-        with open(settings_path, "w") as f:
-            json.dump(settings, f, indent=1)
+        write_json(settings_path, settings)
 
     # this rank's share: a full copy of the policy and the reward model, loaded only if work is left
     if todo:
@@ -295,8 +293,7 @@ def evaluate(model, reward_model, data, out, batch_size=8, max_new_tokens=128, m
     records = [found[s["id"]] for s in samples]
     write_jsonl(os.path.join(out, "generations.jsonl"), records)
     results = summarize(records, list(dict.fromkeys(s["subset"] for s in samples)))
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(os.path.join(out, "results.json"), results)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(format_table([(os.path.basename(os.path.normpath(out)), results)]))
     return results
@@ -324,8 +321,7 @@ def main(argv=None):
         runs = []
         for d in cfg.compare:
             cli.input_file(os.path.join(d, "results.json"), "--compare")
-            with open(os.path.join(d, "results.json")) as f:
-                runs.append((os.path.normpath(d), json.load(f)))
+            runs.append((os.path.normpath(d), read_json(os.path.join(d, "results.json"))))
         print(format_table(runs), end="")
         return
     missing = [f"--{k.replace('_', '-')}" for k in ("model", "reward_model", "data", "out") if not getattr(cfg, k)]

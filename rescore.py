@@ -5,19 +5,18 @@
     torchrun --nproc_per_node 8 rescore.py ...                                 # the same, each rank scores 1/8
     python rescore.py --train-reward-model --base BASE_CHECKPOINT --data TRAIN.jsonl [--dev DEV.jsonl] --out rm/
 
-Scoring prints its config, a progress bar, then the noise statistics of Fig. 1: the share of pairs where the
-reward model disagrees with the human order, the share of pairs within --reward-gap of each other (Eq. 5's
-k = 1: the loss ignores them), the share of prompts whose SFT target has reward <= 0 (Eq. 7's SFT term is off),
-and the reward distribution. Training (Eq. 1) prints the loss every 50 steps and the held-out pairwise accuracy.
+Scoring prints its config, a progress bar, then Fig. 1's noise statistics: the share of pairs where the reward
+model disagrees with the human order, of pairs within --reward-gap (Eq. 5's k = 1: the loss ignores them), of
+prompts whose SFT target has reward <= 0 (Eq. 7's SFT term is off), and the reward quartiles. Training (Eq. 1)
+prints the loss every 50 steps and the held-out pairwise accuracy.
 
-The paper's reward models are OpenAssistant's GPT-NeoX models (model type `gpt_neox_reward_model`), which
-stock transformers cannot load; importing this module registers them with the Auto classes. Each reward
-model sees its input as it was trained: OpenAssistant's role tokens for those, the tokenizer's chat template
-for others that have one, else BOS + prompt + " " + response + EOS (also what --train-reward-model trains on).
+The paper's reward models are OpenAssistant's GPT-NeoX models (model type `gpt_neox_reward_model`), which stock
+transformers cannot load; importing this module registers them. Each reward model sees its input as it was
+trained: OpenAssistant's role tokens for those, the tokenizer's chat template for others that have one, else
+prompt + " " + response + EOS after the tokenizer's own special tokens (what --train-reward-model trains on).
 Scoring is resumable: finished samples are appended to OUT.part<rank>, beside OUT.settings.json (reward model,
 dtype, max length, the input's SHA-256); a rerun with the same settings skips them, one with others is refused.
---dtype float32 (the default) is what the authors ran; bfloat16 is faster on GPUs, but moves rewards by ~1e-2,
-which flips pairs that sit at the |r_i - r_j| = 3 threshold or SFT targets at the r = 0 gate.
+--dtype float32 (the default) is what the authors ran; bfloat16 is faster on GPUs but moves rewards by ~1e-2.
 """
 
 import glob
@@ -136,11 +135,9 @@ def set_padding(model, tokenizer):
 
 
 def reward_forward(model, ids, pad_id):
-    """One reward per token list, [N] float32. Rows are padded on the RIGHT: GPT-NeoX and LLaMA number positions
-    from 0 whatever the mask, so on the right every real token keeps the position it had in training (left
-    padding would shift them all, harmless for rotary embeddings only up to rounding, wrong for absolute ones);
-    causal attention keeps the padding out of the real tokens, and both poolings (last attended token; rightmost
-    token that is not pad) land on the last real token."""
+    """One reward per token list, [N] float32. Rows are padded on the RIGHT, so every real token keeps the position
+    it had in training (models number positions from 0 whatever the mask), causal attention keeps the padding out,
+    and both poolings (last attended token; rightmost token that is not pad) land on the last real token."""
     T = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)                                  # [N, T]
     attention_mask = torch.zeros(len(ids), T, dtype=torch.long)                                      # [N, T]
@@ -234,8 +231,7 @@ def check_settings(out, settings):
     if scored and not os.path.exists(path):
         raise UserError(f"--out {out}: {scored[0]} has no {path} to say what scored it; delete the part files")
     if scored:
-        with open(path) as f:
-            old = json.load(f)
+        old = data.read_json(path)
         for key in settings:
             if old.get(key) != settings[key]:
                 raise UserError(f"--out {out}: its unfinished parts were scored with {key} {old.get(key)}, not "
@@ -271,8 +267,7 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
         done = read_parts(out, K)
         barrier()                                                  # every rank has read before any appends
         if rank == 0:
-            with open(settings_path, "w") as f:
-                json.dump(settings, f, indent=1)
+            data.write_json(settings_path, settings)
 
         # score this rank's unfinished share a chunk at a time: enough rows for length-sorted batches
         share = [s for i, s in enumerate(samples) if i % world == rank]

@@ -335,6 +335,9 @@ def test_splits_and_extra_responses(tmp_path):
     data.write_jsonl(str(tmp_path / "extra.jsonl"), extra)
     three = data.add_responses(train_samples, str(tmp_path / "extra.jsonl"))
     assert [s["responses"] for s in three] == [["yes", "no", "maybe"]] * 5
+    # the usual extra file: one reply per prompt, e.g. ChatGPT's
+    data.write_jsonl(str(tmp_path / "one.jsonl"), [dict(s, responses=["maybe"]) for s in extra])
+    assert data.add_responses(train_samples, str(tmp_path / "one.jsonl")) == three
 
 
 def test_sampling_ranks_resume_and_seed():
@@ -515,8 +518,11 @@ def test_validation_is_a_mean_over_prompts(tiny, tokenizer, one_process):
     with torch.no_grad():
         alone = [train.objective(cfg, model, data.make_batch(tokenizer, [s], cfg.max_len, cfg.max_prompt_len), 2,
                                  device)[1] for s in dev]
-    for key in ("loss", "loss_rank", "loss_sft", "acc"):
+    for key in ("loss", "loss_rank", "loss_sft", "acc", "pairs_kept", "sft_on"):
         assert got[key] == pytest.approx(sum(m[key].item() for m in alone) / 5, rel=1e-5), key
+    assert got["logp_rank"] == pytest.approx((sum(m["logp_rank"] for m in alone) / 5).tolist(), abs=1e-4)
+    kept = sum(m["pairs_kept"].item() for m in alone)                   # acc_kept: a mean over the kept pairs
+    assert got["acc_kept"] == pytest.approx(sum((m["acc_kept"] * m["pairs_kept"]).item() for m in alone) / kept)
 
 
 def held_out_accuracy(model_dir, samples):
@@ -555,7 +561,7 @@ def test_bad_setups_fail_before_training(tiny, tmp_path):
     with pytest.raises(cli.UserError, match="invalid float value: 'none'"):   # "none" is for --reward-gap, --alpha
         cli.parse(train.Config, ["--lr", "none"])
     (tmp_path / "used" / "checkpoints" / "step_0000003").mkdir(parents=True)
-    fails(r"already holds checkpoints: pass --resume", out=tmp_path / "used")
+    fails(r"already holds a run \(checkpoints/ or final/\): pass --resume", out=tmp_path / "used")
     fails(r"--resume: no complete checkpoint", "--resume", out=tmp_path / "fresh")
     with pytest.raises(cli.UserError, match=r"--model is required \(python train.py with no flags at all runs the demo"):
         train.main(["--lr", "1e-4"])                      # flags without --model are not silently ignored
@@ -1101,6 +1107,8 @@ def test_architectures_and_mfu_by_hand():
     assert benchmark.matmul_params(one_b) == (1_235_814_400, 1_235_814_400)      # tied: multiplied in the head
     # 6 N + 12 L d T at T = 512: 6 x 6,607,343,616 + 12 x 32 x 4,096 x 512 = 39,644,061,696 + 805,306,368
     assert benchmark.flops_per_token(seven_b, 512) == 40_449_368_064
+    # CLHA's LM head (32,000 x 4,096) on half the positions: 6 x 131,072,000 / 2 fewer
+    assert benchmark.flops_per_token(seven_b, 512, head_share=0.5) == 40_449_368_064 - 393_216_000
     assert benchmark.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert benchmark.peak_flops("NVIDIA H100 PCIe") == 756e12 and benchmark.peak_flops("NVIDIA H200") == 989e12
     assert benchmark.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and benchmark.peak_flops("cpu") is None
@@ -1137,6 +1145,19 @@ def test_random_init_offload_and_compile_are_applied(one_process):
 # ---------------------------------------------------------------------------------------------------------
 # The quick start: `python train.py` runs demo.py; here a shortened run through the same code path
 # ---------------------------------------------------------------------------------------------------------
+
+def test_readme_check_compares_the_printed_table(tmp_path, monkeypatch, capsys):
+    rows = {"CLHA (after)": {"GT pair acc": 98.7, "Reward": 81.1}}
+    monkeypatch.setattr(demo, "main", lambda argv: rows)                    # the demo's result, without the demo
+    readme = tmp_path / "README.md"
+    readme.write_text("text\n```\n==== done in 9 s. Held-out prompts (300):\n| model | GT pair acc | Reward |\n"
+                      "|---|---|---|\n| CLHA (after) | 98.7 | 81.1 |\n```\nmore text\n")
+    demo.check_readme(str(readme))
+    assert "the demo table is what python train.py prints" in capsys.readouterr().out
+    readme.write_text(readme.read_text().replace("81.1", "81.2"))
+    with pytest.raises(cli.UserError, match="its demo table is not what python train.py prints"):
+        demo.check_readme(str(readme))
+
 
 def test_quick_start_demo(tmp_path, capsys):
     args = ["--out", str(tmp_path / "demo"), "--n-train", "480", "--n-test", "80", "--max-steps", "40"]

@@ -56,6 +56,7 @@ def sample(id_, responses=("Mix flour.", "No."), rewards=None, **fields):
     (["--max-len", "3", "--max-prompt-len", "2"], r"--max-len 3: must be at least 17"),
     (["--max-len", "100", "--max-prompt-len", "90"], r"--max-len 100 with --max-prompt-len 90 leaves 10 tokens"),
     (["--max-len", "1024"], r"--max-len 1024 is longer than the model's 256 positions"),
+    (["--max-prompt-len", "1"], r"--max-prompt-len 1 and --max-len 128 leave no room for the prompt after 1 special"),
     (["--dtype", "foo"], r"argument --dtype: invalid choice: 'foo'"),
     (["--lr", "-1"], r"--lr -1.0: must be greater than 0"),
     (["--lr", "nan"], r"--lr nan: must be a finite number"),
@@ -76,6 +77,11 @@ def test_out_not_writable_and_model_not_a_checkpoint(tiny, tmp_path, capsys):
     (tmp_path / "empty_model").mkdir()
     one_line_error(capsys, train.main, train_args(tiny, tmp_path / "run") + ["--model", str(tmp_path / "empty_model")],
                    r"--model .*empty_model: cannot load it: ")
+    shutil.copytree(tiny["base"], tmp_path / "partial")                 # a download cut short
+    with open(tmp_path / "partial" / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    one_line_error(capsys, train.main, train_args(tiny, tmp_path / "run2") + ["--model", str(tmp_path / "partial")],
+                   r"--model .*partial: cannot load it: .*(header|metadata)")
 
 
 def test_reward_gap_in_other_units(tiny, tmp_path, capsys):
@@ -243,8 +249,13 @@ def test_evaluate_mistakes(tiny, tmp_path, capsys):
                 "data": [os.path.abspath(tiny["dev"])], "max_new_tokens": 128, "max_prompt_len": 384,
                 "dtype": "float32"}
     (out / "settings.json").write_text(json.dumps(settings))
-    one_line_error(capsys, evaluate.main, ["--model", tiny["base"], "--reward-model", tiny["base"], "--data",
-                                           tiny["dev"], "--out", str(out)], r"--out .*eval holds a run with other model")
+    argv = ["--model", tiny["base"], "--reward-model", tiny["base"], "--data", tiny["dev"], "--out", str(out)]
+    one_line_error(capsys, evaluate.main, argv, r"--out .*eval holds a run with other model \(/other/model\)")
+    settings.pop("dtype")                                      # written by the version before --dtype
+    (out / "settings.json").write_text(json.dumps(dict(settings, model=os.path.abspath(tiny["base"]))))
+    one_line_error(capsys, evaluate.main, argv, r"holds a run with other dtype \(None\)")
+    (out / "settings.json").write_text('{"model": ')               # a kill mid-write, before writes were atomic
+    one_line_error(capsys, evaluate.main, argv, r"settings.json: not valid JSON")
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
@@ -264,6 +275,8 @@ def test_damaged_checkpoint_falls_back_and_nothing_is_lost(tiny, finished, tmp_p
     (out / "checkpoints" / "step_0000009.tmp").mkdir()        # left by a kill mid-save, at another --save-every
     (out / "final.tmp").mkdir()                                # left by a kill mid-export
     shutil.rmtree(out / "final")
+    with open(out / "log.jsonl", "a") as f:                    # and a log line the kill cut short
+        f.write('{"step": 7, "lo')
     capsys.readouterr()
     train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
     printed = capsys.readouterr().out
@@ -282,6 +295,10 @@ def test_resume_refuses_other_settings_and_a_broken_export_loses_nothing(tiny, f
     one_line_error(capsys, train.main, train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume",
                                                   "--margin", "1"),
                    r"--resume: .*step_0000006 was trained with --margin 3.0, not 1.0")
+    one_line_error(capsys, train.main, train_args(tiny, out, "--max-steps", "4", "--dtype", "float32", "--resume"),
+                   r"--max-steps 4: .*step_0000006 is already past it")
+    one_line_error(capsys, train.main, train_args(tiny, out, "--max-steps", "6", "--dtype", "float32"),
+                   r"--out .* already holds a run \(checkpoints/ or final/\): pass --resume")
     os.remove(out / "checkpoints" / "step_0000003" / "meta.json")     # no complete checkpoint at all
     os.remove(out / "checkpoints" / "step_0000006" / "rng_rank0.pt")
     one_line_error(capsys, train.main, train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"),
@@ -301,16 +318,24 @@ def test_resume_refuses_other_settings_and_a_broken_export_loses_nothing(tiny, f
         torch.distributed.destroy_process_group()
     assert (out / "final.tmp" / "config.json").exists()
     assert load_file(str(out / "final" / "model.safetensors")).keys() == finished[1].keys()
+    # killed between moving final/ aside and putting the new one in place: the next run puts the old one back
+    os.replace(out / "final", out / "final.old")
+    checkpoint.clean(cfg, None, rank=0)
+    assert sorted(os.listdir(out)) == ["checkpoints", "final", "log.jsonl"]
+    assert load_file(str(out / "final" / "model.safetensors")).keys() == finished[1].keys()
 
 
 # ---- the real command lines ------------------------------------------------------------------------------------
 
 def test_under_torchrun_one_rank_prints_the_line(tiny, tmp_path):
+    """A data mistake, found after the process group exists: rank 0 says it, both ranks exit with 2."""
+    write(tmp_path / "empty.jsonl", [])
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          "train.py", *train_args(tiny, tmp_path / "run"), "--lr", "-1"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+                          "train.py", *train_args(tiny, tmp_path / "run", "--train", str(tmp_path / "empty.jsonl"))],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
     ours = [line for line in run.stderr.splitlines() if line.startswith("error")]
-    assert run.returncode != 0 and ours == ["error: --lr -1.0: must be greater than 0"], run.stderr
+    assert run.returncode != 0 and ours == [f"error: {tmp_path / 'empty.jsonl'}: no samples, the file is empty"], \
+        run.stderr
     assert 'File "' + os.path.join(ROOT, "train.py") not in run.stderr          # no traceback of ours
     assert run.stderr.count("exitcode  : 2") == 2                                 # both ranks exit with 2
 

@@ -148,11 +148,15 @@ def check_setup(cfg, world, log):
         raise UserError(f"--global-batch {cfg.global_batch} is larger than the {len(train)} training samples")
     if needs_rewards:
         check_rewards(cfg, train, log)
+    data.make_batch(tokenizer, train[:1], cfg.max_len, cfg.max_prompt_len)   # tokenizer and lengths work together
 
     cli.output_dir(cfg.out, "--out")
-    if checkpoint.step_dirs(cfg.out) and not cfg.resume:
-        raise UserError(f"--out {cfg.out} already holds checkpoints: pass --resume, or choose another --out")
+    if (checkpoint.step_dirs(cfg.out) or os.path.exists(os.path.join(cfg.out, "final"))) and not cfg.resume:
+        raise UserError(f"--out {cfg.out} already holds a run (checkpoints/ or final/): pass --resume, or choose "
+                        "another --out")
     resume_from = checkpoint.find_resumable(cfg, log) if cfg.resume else None
+    if resume_from and 0 < cfg.max_steps < checkpoint.read_step(resume_from):
+        raise UserError(f"--max-steps {cfg.max_steps}: {resume_from} is already past it; resume with a larger one")
     return train, dev, cfg.global_batch // (cfg.batch_size * world), tokenizer, config, resume_from
 
 
@@ -303,7 +307,9 @@ def main(argv=None):
     try:
         torch.manual_seed(cfg.seed)
         train, dev, accumulation, tokenizer, config, resume_from = check_setup(cfg, world, log)
-        checkpoint.clean(cfg, resume_from, rank)
+        dist.barrier()                                    # every rank has read the checkpoints before rank 0
+        checkpoint.clean(cfg, resume_from, rank)          # deletes leftovers, and the damaged ones
+        dist.barrier()
 
         # data: samples are tokenized per micro-batch; the order is a function of (seed, epoch) alone
         K = len(train[0]["responses"])
