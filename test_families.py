@@ -178,12 +178,23 @@ def family_runs(tokenizers, family_data, tmp_path_factory):
              for base, out in runs.values()]
     (folder / "argvs.json").write_text(json.dumps(argvs))
     # A default process group made again must not meet the last one's keys in torchrun's store: each run gets
-    # a store of its own, on the next port.
-    (folder / "driver.py").write_text(
-        f"import json, os, sys\nsys.path.insert(0, {ROOT!r})\nimport train\n"
-        "port = int(os.environ.pop('MASTER_PORT'))\nos.environ.pop('TORCHELASTIC_USE_AGENT_STORE', None)\n"
-        "for n, argv in enumerate(json.load(open(sys.argv[1])), 1):\n"
-        "    os.environ['MASTER_PORT'] = str(port + n)\n    train.main(argv)\n")
+    # a store of its own, on a free port that rank 0 finds and hands to rank 1 through a file.
+    (folder / "driver.py").write_text(f"""import json, os, socket, sys, time
+sys.path.insert(0, {ROOT!r})
+import train
+os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+for n, argv in enumerate(json.load(open(sys.argv[1]))):
+    port_file = os.path.join({str(folder)!r}, f"port{{n}}")
+    if os.environ["RANK"] == "0":
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            open(port_file + ".tmp", "w").write(str(free.getsockname()[1]))
+        os.replace(port_file + ".tmp", port_file)
+    while not os.path.exists(port_file):
+        time.sleep(0.05)
+    os.environ["MASTER_PORT"] = open(port_file).read()
+    train.main(argv)
+""")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(folder / "driver.py"), str(folder / "argvs.json")], cwd=ROOT, capture_output=True,
                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
