@@ -297,7 +297,7 @@ def bookkeeping(n):
     return fresh, resumed
 
 
-def suite(cfg, argv):
+def suite(cfg):
     """The README's GPU measurements on one GPU, each in a fresh process: llama-1b at the paper's micro-batch,
     LLaMA-7B CLHA (with --cpu-offload where 7B's 108 GB of fp32 state does not fit), and generation."""
     if not torch.cuda.is_available():
@@ -348,7 +348,7 @@ def main(argv=None):
     if cfg.generate:
         return generation_speed(cfg)
     if cfg.suite:
-        return suite(cfg, argv)
+        return suite(cfg)
     if cfg.variant:
         return run_variant(cfg)
     results = [run_in_subprocess(argv + ["--variant", variant]) for variant in ("lm", "clha")]
