@@ -109,13 +109,13 @@ def full_batch(vocab_size, batch_size, K, max_len, seed):
     """B prompts x K candidates of exactly T tokens each: a prompt of random length shared by its candidates,
     then a response to the end. No padding, so tokens/s counts only real tokens and MFU is not diluted."""
     g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(4, vocab_size, (batch_size * K, max_len), generator=g)       # [B*K, T]
-    response_mask = torch.zeros(batch_size * K, max_len, dtype=torch.bool)
+    ids = lambda n: torch.randint(4, vocab_size, (n,), generator=g).tolist()
+    rows, samples = [], []
     for b in range(batch_size):
-        prompt = int(torch.randint(max_len // 4, max_len // 2, (), generator=g))
-        response_mask[b * K:(b + 1) * K, prompt:] = True
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(response_mask), "response_mask": response_mask,
-            "rewards": torch.randn(batch_size, K, generator=g) * 5, "sft_index": torch.zeros(batch_size, dtype=torch.long)}
+        prompt = ids(int(torch.randint(max_len // 4, max_len // 2, (), generator=g)))
+        rows += [(prompt, [(ids(max_len - len(prompt)), 0)]) for _ in range(K)]
+        samples.append({"responses": [""] * K, "rewards": (torch.randn(K, generator=g) * 5).tolist(), "sft_index": 0})
+    return data.collate(rows, samples, pad_id=0, share_prompt=False)
 
 
 class PeakRSS:
@@ -166,7 +166,7 @@ def run_variant(cfg):
                 dist.barrier()
                 start = time.perf_counter()
             if cfg.variant == "clha":
-                loss, _ = train.objective(tcfg, model, batch, cfg.k, device)
+                loss, _ = train.objective(tcfg, model, batch, device)
             else:
                 loss = bare_lm_loss(model, batch, device)
             loss.backward()
@@ -183,7 +183,7 @@ def run_variant(cfg):
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         tokens_per_s = cfg.batch_size * cfg.k * cfg.max_len / step_s                  # per GPU
         # the positions the CLHA step's LM head runs on, as train.policy_logps cuts them
-        starts = [int(b["response_mask"].float().argmax(dim=1).min()) - 1 for b in batches[cfg.warmup:]]
+        starts = [int(b["predict"][1].min()) for b in batches[cfg.warmup:]]
         head_share = 1.0 if cfg.variant == "lm" else sum(1 - s / cfg.max_len for s in starts) / len(starts)
         flops = flops_per_token(config, cfg.max_len, head_share)
         peak_device = peak_flops(name, cfg.peak_tflops)
@@ -363,7 +363,7 @@ def padding_share(samples, tokenizer, batch_size, group_by_length, max_len=512, 
     padded = real = 0
     for step in data.step_batches(lengths, batch_size, seed, 0, group_by_length):
         batch = data.make_batch(tokenizer, [samples[i] for i in step], max_len, max_prompt_len)
-        padded, real = padded + batch["input_ids"].numel(), real + batch["attention_mask"].sum().item()
+        padded, real = padded + batch["input_ids"].numel(), real + batch["tokens"]
     return 1 - real / padded
 
 

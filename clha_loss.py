@@ -8,7 +8,8 @@ Legend for shape comments: B prompts, K candidates per prompt (K >= 2), T tokens
 Candidates are ordered best first: index 0 is the most preferred (the highest reward after rescoring).
 
 Paper symbol            -> here
-  p_i(x, y_i)   Eq. 3   -> `logps[:, i]`, the mean log-prob of candidate i's response tokens (`sequence_logps`)
+  p_i(x, y_i)   Eq. 3   -> `logps[:, i]`, the mean log-prob of candidate i's response tokens (`sequence_logps`,
+                           or `response_logps` from the logits that predict them)
   f_{i<j}       Eq. 4   -> `f[:, i, j]` in `clha_loss`, with the sign corrected (see the note at that line)
   xi_adjust     Eq. 6   -> `margin * (j - i)`; `margin=0` is the paper's "w/o xi_adjust" ablation
   k             Eq. 5   -> `k`: 1 when |r_i - r_j| <= `reward_gap` (the pair is too close to learn from)
@@ -34,11 +35,6 @@ def sequence_logps(logits, input_ids, response_mask):
     logits [N, T, V] from the model for input_ids [N, T]; response_mask [N, T] bool, True at response tokens.
     Token t is predicted by logits[:, t - 1], so the first position can never be a response token.
     Returns (mean_logps [N], sum_logps [N]) in float32 whatever the dtype of the logits.
-
-    Memory: only the M <= N * T response positions are kept, and the one large tensor autograd saves for
-    backward is their float32 [M, V] logits (gather and logsumexp share it). Transients while this runs: a
-    copy of those rows in the logits' dtype before the cast, and logsumexp's exp. The token log-prob is the
-    target's logit minus logsumexp, so no [M, V] log_softmax output is kept besides.
     """
     if logits.shape[:2] != input_ids.shape or input_ids.shape != response_mask.shape:
         raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
@@ -48,19 +44,31 @@ def sequence_logps(logits, input_ids, response_mask):
     if starts_at_zero:
         raise ValueError(f"rows {starts_at_zero} have a response token at position 0, which no logit predicts; "
                          "every sequence needs at least one prompt token (e.g. BOS) before its response")
-    n_tokens = response_mask.sum(dim=1)                                # [N]
-    empty = (n_tokens == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"rows {empty} have no response tokens; Eq. 3 divides by |y_i|, which would be 0")
-
     mask = response_mask[:, 1:]                                        # [N, T-1] targets that are response tokens
-    targets = input_ids[:, 1:][mask]                                   # [M]
-    scores = logits[:, :-1][mask].float()                              # [M, V] the logits that predict them
-    token_logps = scores.gather(1, targets[:, None]).squeeze(1) - scores.logsumexp(dim=1)  # [M] Eq. (3) log P
-    row = mask.nonzero()[:, 0]                                         # [M] which sequence each token belongs to
-    sum_logps = torch.zeros(len(input_ids), dtype=torch.float32, device=logits.device)
-    sum_logps = sum_logps.index_add(0, row, token_logps)               # [N] Eq. (3) sum over t
-    mean_logps = sum_logps / n_tokens                                  # [N] Eq. (3)
+    # row-major masking keeps the tokens sequence after sequence, as response_logps wants them
+    return response_logps(logits[:, :-1][mask], input_ids[:, 1:][mask], mask.sum(dim=1))
+
+
+def response_logps(scores, targets, lengths):
+    """Eq. 3 from the logits that predict the response tokens, whatever layout the batch had (train.policy_logps).
+
+    scores [M, V]: the logits that predict targets [M], the response tokens of N sequences one sequence after
+    the other; lengths [N]: how many of them each sequence has (|y_i|, summing to M).
+    Returns (mean_logps [N], sum_logps [N]) in float32.
+
+    Memory: the one large tensor autograd saves is the float32 [M, V] copy of `scores` (gather and logsumexp
+    share it); the token log-prob is the target's logit minus logsumexp, so no [M, V] log_softmax is kept.
+    The sum over each sequence's tokens is a plain sum over the rows of an [N, max |y|] grid, not an index_add
+    (whose atomic adds on GPUs would make the result depend on thread timing).
+    """
+    empty = (lengths == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"sequences {empty} have no response tokens; Eq. 3 divides by |y_i|, which would be 0")
+    scores = scores.float()
+    token_logps = scores.gather(1, targets[:, None]).squeeze(1) - scores.logsumexp(dim=1)   # [M] Eq. (3) log P
+    slots = torch.arange(int(lengths.max()), device=lengths.device) < lengths[:, None]    # [N, max |y|]
+    sum_logps = token_logps.new_zeros(slots.shape).masked_scatter(slots, token_logps).sum(dim=1)  # [N] Eq. (3) sum
+    mean_logps = sum_logps / lengths                                   # [N] Eq. (3)
     return mean_logps, sum_logps
 
 

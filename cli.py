@@ -1,11 +1,11 @@
-"""The command line of every entry script: flags from a dataclass, range checks, and one-line errors.
+"""The command line of the entry scripts: flags from a dataclass, range checks, and one-line errors.
 
-Each entry script (train.py, rescore.py, evaluate.py, data.py, demo.py, benchmark.py) describes its flags as one
+Each entry script (train.py, rescore.py, evaluate.py, demo.py, benchmark.py, logs.py) describes its flags as one
 @dataclass whose fields carry their help text and valid range (`opt`), parses them with `parse`, and runs its
 main() through `run`. A user's mistake found anywhere, a bad flag, path, data line or resume, is raised as
-`UserError` with a message that names what to change: `run` prints it as one line on stderr and exits with
-status 2. Under torchrun only rank 0 prints it (every rank runs the same checks on the same files, so the others
-exit quietly with the same status). Any other exception is a bug in our code and keeps its traceback.
+`UserError` (defined in data.py, the lowest module that raises it) with a message that names what to change:
+`run` prints it as one line on stderr and exits with status 2. Under torchrun only rank 0 prints it. Any other
+exception is a bug in our code and keeps its traceback.
 """
 
 import argparse
@@ -18,9 +18,9 @@ import time
 import typing
 from dataclasses import field
 
+from data import UserError
 
-class UserError(ValueError):
-    """A mistake the user can fix: the message names the flag, or the file and line, and what to change."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 def opt(default, help, *, at_least=None, above=None, choices=None, none=False, nargs=None):
@@ -111,13 +111,26 @@ def looks_local(path):
     return os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
 
 
-def from_pretrained(loader, path, flag, **kwargs):
-    """loader.from_pretrained(path), with a missing or unreadable checkpoint as one line naming the flag."""
+def checkpoint_dir(path, flag, tokenizer=False):
+    """Refuse, before anything loads, a local checkpoint that is no folder, has no config.json, or (tokenizer=True)
+    no tokenizer files."""
     if looks_local(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path}: no such folder (a checkpoint folder, or a hub id such as owner/name)")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{flag} {path}: no config.json in this folder, so no checkpoint")
+    if tokenizer and os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise UserError(f"{flag} {path}: no tokenizer in this folder (none of {', '.join(TOKENIZER_FILES)})")
+
+
+def from_pretrained(loader, path, flag, **kwargs):
+    """loader.from_pretrained(path), with a checkpoint whose files are missing, unreadable or cut short (a partial
+    download), or a config.json transformers cannot read, as one line naming the flag. Other errors are not the
+    user's to fix, and keep their traceback."""
+    checkpoint_dir(path, flag, tokenizer=loader.__name__.endswith("Tokenizer"))
     from safetensors import SafetensorError
+    user_errors = (OSError, SafetensorError) + ((ValueError,) if loader.__name__ == "AutoConfig" else ())
     try:
         return loader.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, SafetensorError) as e:   # "not a checkpoint I can read", e.g. a partial download
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except user_errors as e:
+        reason = " ".join(str(e).split()) or type(e).__name__       # the whole message, on one line
         raise UserError(f"{flag} {path}: cannot load it: {reason}") from None

@@ -116,3 +116,20 @@ def train_args(tiny, out, *extra):
     return ["--model", tiny["base"], "--train", tiny["train"], "--out", str(out), "--global-batch", "8",
             "--batch-size", "2", "--epochs", "1", "--lr", "2e-3", "--log-every", "1", "--save-every", "3",
             "--max-len", "128", "--max-prompt-len", "64", *extra]
+
+
+def generate(model, tokenizer, prompts, max_new_tokens=128, max_prompt_len=384, batch_size=8):
+    """Greedy replies to `prompts` in input order, through evaluate.py's batched loop (what the protocol writes)."""
+    import evaluate
+    texts = {}
+    for idx, batch in evaluate.generate_batches(model, tokenizer, prompts, max_new_tokens, max_prompt_len, batch_size):
+        texts.update(zip(idx, batch))
+    return [texts[i] for i in range(len(prompts))]
+
+
+def pairwise_accuracy(model, tokenizer, samples, batch_size=4, max_len=512, max_prompt_len=384, share_prompt=True):
+    """Share of the pairs i < j (i the better response) in which the policy gives i the higher p_i (Eq. 3)."""
+    import evaluate
+    pairs = sum(len(s["responses"]) * (len(s["responses"]) - 1) // 2 for s in samples)
+    return sum(evaluate.pair_counts(model, tokenizer, samples, batch_size, max_len, max_prompt_len,
+                                    share_prompt)) / pairs

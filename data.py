@@ -1,9 +1,10 @@
-"""HH-RLHF to ranked candidates, and the [B, K, T] batches that train.py and evaluate.py share (Sec. 3.1).
+"""HH-RLHF to ranked candidates, and the batches that train.py and evaluate.py share (Sec. 3.1).
 
     python data.py --hh-dir hh-rlhf --out data/hh2    # the paper's splits: train, dev, test/<subset> (.jsonl)
 
 It prints what it read, skipped and wrote. `hh-rlhf` is Anthropic's repository layout:
 <subset>/{train,test}.jsonl.gz for harmless-base, helpful-base, helpful-online, helpful-rejection-sampled.
+This file needs nothing else of this project (torch only, and a Hugging Face tokenizer for the batches).
 
 Sample format: one JSON object per line, one line per prompt.
     {"id": "harmless-base/test/17",           # subset/split/line of the raw file
@@ -16,29 +17,47 @@ Raw HH-RLHF gives responses in human order (chosen, rejected) and sft_index 0. T
 authors' released format ({"prefix": [[turns]] * K, "suffix": [...], "reward": [...], "sft_index": i}), and
 read gzip by its content, whatever the file's name. A malformed line is an error naming file:line.
 
-A batch holds B prompts with all K candidates, flattened prompt-major: row b * K + k is candidate k of
-prompt b. Each row is the tokenizer's own encoding of the dialogue text prompt + " " + response, special tokens
-included (BOS for LLaMA, none for Qwen2 or GPT-NeoX), then EOS if the whole response fits; the response mask
-covers the response and its EOS. Legend: B prompts, K candidates, T tokens.
+Each candidate's tokens are the tokenizer's own encoding of the dialogue text prompt + " " + response, special
+tokens included (BOS for LLaMA, none for Qwen2 or GPT-NeoX), then EOS if the whole response fits. A batch of
+B prompts holds all K candidates of each, in one of two layouts (legend: B prompts, K candidates, L columns):
+    one row per candidate, [B*K, L]      [prompt | candidate 1]  [prompt | candidate 2]   (the authors' way)
+    one row per prompt, [B, L]           [prompt | candidate 1 | candidate 2]             (share_prompt=True)
+In the second the prompt is computed once, and a [B, 1, L, L] mask lets each candidate see only the prompt
+and itself, at the positions it would have in a row of its own, so Eq. 3 does not change:
+
+    prompt     P P P . . . . . . .      rows: the token attending, columns: the tokens it sees
+    prompt     P P P P . . . . . .      (here a prompt of 4 tokens, candidates of 3 and 2)
+    ...        P P P P P . . . . .
+               P P P P P P . . . .
+    cand. 1    P P P P 1 . . . . .      positions 4, 5, 6
+               P P P P 1 1 . . . .
+               P P P P 1 1 1 . . .
+    cand. 2    P P P P . . . 2 . .      positions 4, 5 again
+               P P P P . . . 2 2 .
 """
 
+import argparse
 import gzip
 import json
 import math
 import os
 import random
+import sys
+import unicodedata
 import weakref
 import zlib
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 
-import cli
-from cli import UserError, opt
-
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 ASSISTANT = "\n\nAssistant:"
+
+
+class UserError(ValueError):
+    """A mistake the user can fix, in a flag, a path or a line of data: the message says where and what to change.
+    Every entry script prints it as one line and exits with status 2 (cli.run); it lives here, the lowest module
+    that raises it, so that this file copies alone."""
 
 
 # ---- reading --------------------------------------------------------------------------------------------
@@ -72,6 +91,12 @@ def _json_lines(path):
         raise UserError(f"{path}:{line_no + 1}: broken gzip data ({e}); is the file complete?") from None
 
 
+def visible(text):
+    """Whether the text shows anything: a character that is not whitespace, a control or a format character
+    (a zero-width space alone is no reply, though str.strip keeps it)."""
+    return any(not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf") for c in text)
+
+
 def split_dialogue(dialogue):
     """'...\\n\\nAssistant: reply' -> (prompt up to and including the last '\\n\\nAssistant:', reply stripped)."""
     cut = dialogue.rfind(ASSISTANT) + len(ASSISTANT)
@@ -97,7 +122,7 @@ def read_hh_rlhf(path, subset=None, split=None):
         rejected_prompt, rejected = split_dialogue(obj["rejected"])
         if prompt != rejected_prompt:
             skipped["prompts differ"] += 1
-        elif not chosen or not rejected:
+        elif not visible(chosen) or not visible(rejected):
             skipped["empty reply"] += 1
         else:
             samples.append({"id": f"{subset}/{split}/{line_no}", "subset": subset, "prompt": prompt,
@@ -107,14 +132,11 @@ def read_hh_rlhf(path, subset=None, split=None):
     return samples, skipped
 
 
-def _is_list_of(value, kind):
-    return isinstance(value, list) and all(isinstance(v, kind) for v in value)
-
-
 def _from_authors_format(obj, where):
     """The authors' {"prefix", "suffix", "reward", "sft_index"} line -> our sample."""
     prefix, suffix = obj.get("prefix"), obj.get("suffix")
-    if not (_is_list_of(prefix, list) and prefix and _is_list_of(prefix[0], str) and _is_list_of(suffix, str)):
+    is_list_of = lambda value, kind: isinstance(value, list) and all(isinstance(v, kind) for v in value)
+    if not (is_list_of(prefix, list) and prefix and is_list_of(prefix[0], str) and is_list_of(suffix, str)):
         raise UserError(f"{where}: the authors' format needs 'prefix' as lists of turn strings and 'suffix' as "
                         "a list of response strings")
     prompt = "".join(prefix[0]).replace("<|prompter|>", "\n\nHuman: ").replace("<|assistant|>", "\n\nAssistant: ")
@@ -129,11 +151,11 @@ def check_sample(s, where, min_responses=2):
     for key, kind in (("id", str), ("prompt", str), ("responses", list), ("sft_index", int)):
         if not isinstance(s.get(key), kind) or isinstance(s.get(key), bool):
             raise UserError(f"{where}: field {key!r} must be a {kind.__name__}, got {s.get(key)!r:.40}")
-    if not s["prompt"].strip():
+    if not visible(s["prompt"]):
         raise UserError(f"{where}: the prompt is empty")
     K, rewards = len(s["responses"]), s.get("rewards")
-    if K < min_responses or not all(isinstance(r, str) and r.strip() for r in s["responses"]):
-        raise UserError(f"{where}: 'responses' must hold at least {min_responses} non-empty strings")
+    if K < min_responses or not all(isinstance(r, str) and visible(r) for r in s["responses"]):
+        raise UserError(f"{where}: 'responses' must hold at least {min_responses} strings with visible text")
     if rewards is not None and not (isinstance(rewards, list) and len(rewards) == K and all(
             isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in rewards)):
         raise UserError(f"{where}: 'rewards' must be null or a list of {K} finite numbers, one per response; "
@@ -144,13 +166,18 @@ def check_sample(s, where, min_responses=2):
         raise UserError(f"{where}: field 'subset' must be a string")
 
 
-def read_samples(path, min_responses=2):
-    """Samples from a file in our format or the authors' released format (detected per line)."""
+def read_samples(path, min_responses=2, check=None):
+    """Samples from a file in our format or the authors' released format (detected per line).
+    check(sample): a further test of each sample; the UserError it raises is reported at file:line."""
     samples = []
     for line_no, obj in _json_lines(path):
         where = f"{path}:{line_no}"
         sample = _from_authors_format(obj, where) if "prefix" in obj else obj
         check_sample(sample, where, min_responses)
+        try:
+            check and check(sample)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
         samples.append(sample)
     if not samples:
         raise UserError(f"{path}: no samples, the file is empty")
@@ -162,28 +189,19 @@ def read_samples(path, min_responses=2):
 
 
 def write_jsonl(path, samples):
-    """Write JSON lines atomically (gzipped if the name ends in .gz): a crash leaves the old file or the new
-    one, never half of one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with (gzip.open if path.endswith(".gz") else open)(path + ".tmp", "wt", encoding="utf-8") as f:
-        for s in samples:
-            f.write(json.dumps(s, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
-
-
-def write_json(path, obj):
-    """One JSON document (settings, results), written atomically like write_jsonl."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def read_json(path):
+    """Write JSON lines atomically (gzipped if the name ends in .gz): a crash or a full disk leaves the old file
+    or the new one, never half of one. A symlink is written through: the file it points to is replaced."""
+    path = os.path.realpath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}); delete it to start over") from None
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with (gzip.open if path.endswith(".gz") else open)(path + ".tmp", "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise UserError(f"{path}: cannot write it ({e.strerror}); nothing was replaced, rerun once there is "
+                        "room") from None
 
 
 # ---- the paper's splits (Sec. 3.1) ------------------------------------------------------------------------
@@ -239,7 +257,7 @@ def add_responses(samples, extra_path):
     return out
 
 
-# ---- tokenization and batches -------------------------------------------------------------------------------
+# ---- tokenization -------------------------------------------------------------------------------------------
 
 def check_tokenizer(tokenizer, flag):
     """What batching needs of a tokenizer: character offsets (a fast tokenizer) and an EOS token."""
@@ -318,37 +336,79 @@ def encode_sample(tokenizer, sample, max_len=512, max_prompt_len=384):
     return rows
 
 
-def collate(encoded, samples, pad_id, multiple=8):
-    """Encoded samples (K rows each) -> one batch of B prompts with all K candidates, padded on the right to a
-    multiple of 8."""
-    rows = [row for sample_rows in encoded for row in sample_rows]
-    T = max(len(p) + len(r) for p, r in rows)
-    T = -(-T // multiple) * multiple
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # [B*K, T]
-    attention_mask = torch.zeros(len(rows), T, dtype=torch.bool)       # [B*K, T]
-    response_mask = torch.zeros(len(rows), T, dtype=torch.bool)        # [B*K, T]
-    for n, (prompt, response) in enumerate(rows):
-        end = len(prompt) + len(response)
-        input_ids[n, :end] = torch.tensor(prompt + response)
-        attention_mask[n, :end] = True
-        response_mask[n, len(prompt):end] = True
+# ---- batches --------------------------------------------------------------------------------------------------
+
+def pad_id(tokenizer):
+    """Any id works where nothing attends to it; LLaMA's tokenizer has no pad token, so fall back to EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def shared_rows(encoded):
+    """One sample's K (prompt ids, response ids) -> (shared ids, [(candidate ids, own prompt tokens)]).
+    The shared part is the longest run of prompt tokens all K have in common. With a byte-level BPE the last
+    prompt tokens can differ between candidates (a token crossing into the reply is the reply's): they stay
+    in each candidate's own part, before its response."""
+    prompts = [prompt for prompt, _ in encoded]
+    n = 0
+    while n < min(map(len, prompts)) and len({p[n] for p in prompts}) == 1:
+        n += 1
+    return prompts[0][:n], [(prompt[n:] + response, len(prompt) - n) for prompt, response in encoded]
+
+
+def collate(rows, samples, pad_id, share_prompt, multiple=8):
+    """Rows (shared ids, [(candidate ids, own prompt tokens)]) -> the batch, padded on the right to a multiple of 8.
+
+    Every candidate sees the row's shared part and its own earlier tokens, at the positions of a row of its own.
+    For each response token the batch says where the logit that predicts it is (`predict`: row and column),
+    in candidate order, prompt-major (candidate n = b * K + k); `lengths`: response tokens per candidate.
+    """
+    L = -(-max(len(shared) + sum(len(ids) for ids, _ in cands) for shared, cands in rows) // multiple) * multiple
+    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)      # [R, L]
+    positions = torch.zeros(len(rows), L, dtype=torch.long)               # [R, L]
+    sees = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1)         # [R, L, L] padding sees itself alone
+    real = torch.zeros(len(rows), L, dtype=torch.bool)                    # [R, L] not padding
+    predict, targets, lengths, tokens = [], [], [], 0
+    for r, (shared, cands) in enumerate(rows):
+        P = len(shared)
+        input_ids[r, :P], positions[r, :P] = torch.tensor(shared, dtype=torch.long), torch.arange(P)
+        sees[r, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
+        start = P
+        for ids, own_prompt in cands:
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.tensor(ids)
+            positions[r, start:end] = torch.arange(P, P + len(ids))      # as if the candidate had the row alone
+            sees[r, start:end, :P] = True                                 # the shared part...
+            sees[r, start:end, start:end] = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()  # ...and itself
+            for t in range(own_prompt, len(ids)):         # token t is predicted by the one before it
+                predict.append((r, start + t - 1 if t > 0 else P - 1))
+                targets.append(ids[t])
+            lengths.append(len(ids) - own_prompt)
+            tokens += P + len(ids)
+            start = end
+        real[r, :start] = True
+    rows_cols = torch.tensor(predict).T                                   # [2, M]
     has_rewards = all(s["rewards"] is not None for s in samples)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+    return {"input_ids": input_ids,
+            # [R, 1, L, L] True where a token may attend; one candidate a row: the usual [R, L] padding mask
+            "attention_mask": sees[:, None] if share_prompt else real,
+            "position_ids": positions if share_prompt else None,          # None: 0, 1, 2, ... as usual
+            "predict": (rows_cols[0], rows_cols[1]), "targets": torch.tensor(targets), "lengths": torch.tensor(lengths),
+            "tokens": tokens,                                             # real tokens of the B*K sequences
             "rewards": torch.tensor([s["rewards"] for s in samples], dtype=torch.float32) if has_rewards else None,
             "sft_index": torch.tensor([s["sft_index"] for s in samples]),   # [B]
             "K": len(samples[0]["responses"])}
 
 
-def pad_id(tokenizer):
-    """Any id works under a zero attention mask; LLaMA's tokenizer has no pad token, so fall back to EOS."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def make_batch(tokenizer, samples, max_len=512, max_prompt_len=384, share_prompt=False):
+    """Samples -> one batch of their B prompts and all K candidates, as train.py, evaluate.py and benchmark.py
+    build it: one row per candidate, or with share_prompt one row per prompt that computes the prompt once."""
+    encoded = [encode_sample(tokenizer, s, max_len, max_prompt_len) for s in samples]
+    rows = [shared_rows(e) for e in encoded] if share_prompt else \
+        [(prompt, [(response, 0)]) for e in encoded for prompt, response in e]
+    return collate(rows, samples, pad_id(tokenizer), share_prompt)
 
 
-def make_batch(tokenizer, samples, max_len=512, max_prompt_len=384):
-    """Samples -> one [B*K, T] batch, as train.py, evaluate.py and benchmark.py all build it."""
-    return collate([encode_sample(tokenizer, s, max_len, max_prompt_len) for s in samples], samples,
-                   pad_id(tokenizer))
-
+# ---- sampling -------------------------------------------------------------------------------------------------
 
 def step_batches(lengths, global_batch, seed, epoch, group_by_length=False, window=32):
     """Sample indices of each optimizer step in one epoch; the order depends only on (seed, epoch).
@@ -394,26 +454,35 @@ def sample_length(sample):
     return len(sample["prompt"]) + max(len(r) for r in sample["responses"])
 
 
-# ---- command line -------------------------------------------------------------------------------------------
+# ---- command line (plain argparse, so that this file needs no other of ours) ------------------------------------
 
-@dataclass
-class Config:
-    hh_dir: str = opt("", "Anthropic's hh-rlhf folder (four subsets, train/test each)")
-    out: str = opt("", "output folder: train.jsonl, dev.jsonl, test/<subset>.jsonl")
-    dev_size: int = opt(280, "test samples moved to dev.jsonl", at_least=0)
-    seed: int = opt(0, "seed of the dev draw", at_least=0)
-    extra: str = opt("", "a sample file with more responses per prompt (HH-RLHF_3)")
+class Flags(argparse.ArgumentParser):
+    def error(self, message):      # argparse would print the whole usage first; one line says what to change
+        raise UserError(f"{message} (see --help)")
 
 
 def main(argv=None):
-    cfg = cli.parse(Config, argv, __doc__.split("\n")[0])
-    if not cfg.hh_dir or not cfg.out:
-        raise UserError("give --hh-dir DIR --out DIR (the built-in demo data: python demo.py)")
-    if cfg.extra:
-        cli.input_file(cfg.extra, "--extra")
-    cli.output_dir(cfg.out, "--out")
-    build_splits(cfg.hh_dir, cfg.out, cfg.dev_size, cfg.seed, cfg.extra)
+    flags = Flags(description=__doc__.split("\n")[0], allow_abbrev=False)
+    flags.add_argument("--hh-dir", required=True, help="Anthropic's hh-rlhf folder (four subsets, train/test each)")
+    flags.add_argument("--out", required=True, help="output folder: train.jsonl, dev.jsonl, test/<subset>.jsonl")
+    flags.add_argument("--dev-size", type=int, default=280, help="test samples moved to dev.jsonl [>= 0]")
+    flags.add_argument("--seed", type=int, default=0, help="seed of the dev draw")
+    flags.add_argument("--extra", default="", help="a sample file with more responses per prompt (HH-RLHF_3)")
+    args = flags.parse_args(argv)
+    if args.dev_size < 0:
+        raise UserError(f"--dev-size {args.dev_size}: must be at least 0")
+    if args.extra and not os.path.isfile(args.extra):
+        raise UserError(f"--extra {args.extra}: no such file")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {args.out}: cannot create this folder ({e.strerror})") from None
+    build_splits(args.hh_dir, args.out, args.dev_size, args.seed, args.extra)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    try:
+        main()
+    except UserError as error:     # one line and status 2, as every script here reports a mistake
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)

@@ -18,7 +18,6 @@ train.py; (5) evaluate.py on the held-out prompts, before and after, plus the gr
 import json
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -226,10 +225,9 @@ def train_policy(out, base, name, train_file, flags, seed, max_steps=0):
     run = os.path.join(out, "runs", f"{name.replace(' ', '_').replace('/', '')}_seed{seed}")
     if not os.path.exists(os.path.join(run, "final", "config.json")):
         stage(f"4. training {name} (seed {seed}) with train.py")
-        shutil.rmtree(run, ignore_errors=True)                    # a run killed before its end
-        train.main(["--model", base, "--train", os.path.join(out, train_file), "--dev",
-                    os.path.join(out, "dev.rm.jsonl"), "--out", run, "--seed", str(seed), "--max-steps",
-                    str(max_steps), *TRAIN, *flags])
+        train.main(["--model", base, "--train", os.path.join(out, train_file), "--dev",    # --resume: a run
+                    os.path.join(out, "dev.rm.jsonl"), "--out", run, "--seed", str(seed),   # killed before its
+                    "--max-steps", str(max_steps), "--resume", *TRAIN, *flags])           # end continues
     return os.path.join(run, "final")
 
 
@@ -238,8 +236,8 @@ def evaluate_policy(out, model, rm, name):
     folder = os.path.join(out, "eval", name.replace(" ", "_").replace("/", ""))
     if not os.path.exists(os.path.join(folder, "results.json")):
         stage(f"5. evaluating {name} with evaluate.py")
-        evaluate.evaluate(model, rm, [os.path.join(out, "test.jsonl")], folder, batch_size=32, max_new_tokens=48,
-                          max_prompt_len=64)
+        evaluate.evaluate(evaluate.Config(model=model, reward_model=rm, data=[os.path.join(out, "test.jsonl")],
+                                          out=folder, batch_size=32, max_new_tokens=48, max_prompt_len=64))
     with open(os.path.join(folder, "results.json")) as f:
         total = json.load(f)["Total"]
     with open(os.path.join(folder, "generations.jsonl")) as f:

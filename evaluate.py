@@ -7,12 +7,14 @@
 The first two print a Markdown table in Table 2's layout (a BLEU / Reward column pair per subset, then Total =
 the mean over all samples) and a second one with each subset's size, the policy's teacher-forced pairwise
 accuracy and its count of empty generations; both go to DIR/table.md. `--compare` prints the runs side by
-side, one row per run, as in Table 3. Files written to DIR:
-    parts/rank<r>.jsonl   each rank's records, appended and flushed per prompt (an interrupted run resumes)
+side, one row per run, as in Table 3. Files written to DIR (see checkpoint.py):
+    .lock                 held while a run works on DIR: a second one is refused
+    parts/rank<r>.jsonl   each rank's records, appended and flushed per batch, each with its sample's SHA-256:
+                          a rerun resumes, and redoes the samples whose content changed
     generations.jsonl     the merged records in input order: id, subset, prompt, generation, reference,
                           reward (the raw reward-model score), bleu, pairs_correct, pairs
     results.json          per subset and Total: n, bleu, reward, pair_acc (all x100), empty
-    settings.json         what produced the run; resuming with other settings is an error
+    settings.json         the models (their contents) and decoding settings; a rerun with others is refused
 
 Protocol (reference-notes.md, "Evaluation"): greedy decoding of at most 128 new tokens from the prompt cut on
 the left to 384 tokens; the text is cut at the first "Human:" / "Assistant:" (either case). Reward is
@@ -22,20 +24,24 @@ model and takes the prompts i % world == rank; rank 0 merges. Both run in --dtyp
 authors ran them (bfloat16 is faster on GPUs, and moves rewards and greedy choices a little).
 """
 
+import glob
+import hashlib
 import json
 import math
 import os
 from collections import Counter
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+import checkpoint
 import cli
-from cli import UserError, opt
-from clha_loss import sequence_logps
-from data import encode_prompt, make_batch, pad_id, read_json, read_samples, write_json, write_jsonl
+import rescore
+from cli import opt
+from data import UserError, check_tokenizer, encode_prompt, make_batch, pad_id, read_samples, write_jsonl
+from train import check_shared_layout, policy_logps
 
 STOP_STRINGS = ("Human:", "human:", "Assistant:", "assistant:")
 
@@ -95,14 +101,13 @@ def generate_batches(model, tokenizer, prompts, max_new_tokens=128, max_prompt_l
     """
     lengths = [len(encode_prompt(tokenizer, p, max_prompt_len)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(batches, desc="generate", unit="batch")
-    for idx in batches:
-        input_ids, attention_mask = left_padded(tokenizer, [prompts[i] for i in idx], max_prompt_len)
-        new_tokens = greedy(model, input_ids, attention_mask, max_new_tokens, tokenizer).tolist()
-        yield idx, [cut_at_stop(tokenizer.decode(t, skip_special_tokens=True)) for t in new_tokens]
+    with tqdm(total=len(prompts), desc="evaluate", unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            input_ids, attention_mask = left_padded(tokenizer, [prompts[i] for i in idx], max_prompt_len)
+            new_tokens = greedy(model, input_ids, attention_mask, max_new_tokens, tokenizer).tolist()
+            yield idx, [cut_at_stop(tokenizer.decode(t, skip_special_tokens=True)) for t in new_tokens]
+            bar.update(len(idx))
 
 
 def greedy(model, input_ids, attention_mask, max_new_tokens, tokenizer=None, eos_id=None, pad=None):
@@ -116,63 +121,23 @@ def greedy(model, input_ids, attention_mask, max_new_tokens, tokenizer=None, eos
     return out[:, input_ids.shape[1]:]                            # EOS and the padding after it are special
 
 
-def generate(model, tokenizer, prompts, max_new_tokens=128, max_prompt_len=384, batch_size=8, progress=False):
-    """Greedy replies to `prompts`, in input order. model.generation_config still applies (a repetition_penalty
-    would change greedy search): evaluate() resets it to the library defaults."""
-    texts = {}
-    for idx, batch in generate_batches(model, tokenizer, prompts, max_new_tokens, max_prompt_len, batch_size,
-                                       progress):
-        texts.update(zip(idx, batch))
-    return [texts[i] for i in range(len(prompts))]
-
-
 @torch.inference_mode()
-def pair_counts(model, tokenizer, samples, batch_size=4, max_len=512, max_prompt_len=384):
+def pair_counts(model, tokenizer, samples, batch_size=4, max_len=512, max_prompt_len=384, share_prompt=True):
     """For each sample, how many of its pairs i < j have p_i > p_j: Eq. 3's mean log-prob of each response
-    (with its EOS, as in training) given the prompt, teacher-forced. A tie counts as wrong."""
+    (with its EOS, as in training) given the prompt, teacher-forced as train.py computes it. A tie counts as wrong."""
     counts = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        batch = make_batch(tokenizer, chunk, max_len, max_prompt_len)  # right-padded, the layout of training
-        input_ids = batch["input_ids"].to(model.device)               # [B*K, T]
-        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(model.device)).logits
-        logps, _ = sequence_logps(logits, input_ids, batch["response_mask"].to(model.device))  # [B*K] Eq. (3)
-        row = 0
-        for s in chunk:                                               # rows are prompt-major, K may vary
-            p = logps[row:row + len(s["responses"])].tolist()
-            row += len(p)
+        batch = make_batch(tokenizer, chunk, max_len, max_prompt_len, share_prompt)   # the layout of training
+        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        logps = policy_logps(model, batch)[0].tolist()                          # [B*K] Eq. (3), prompt-major
+        for s in chunk:                                                         # K may vary from sample to sample
+            p, logps = logps[:len(s["responses"])], logps[len(s["responses"]):]
             counts.append(sum(p[i] > p[j] for i in range(len(p)) for j in range(i + 1, len(p))))
     return counts
 
 
-def pairwise_accuracy(model, tokenizer, samples, batch_size=4, max_len=512, max_prompt_len=384):
-    """Share of the pairs i < j (i the better response) in which the policy gives i the higher p_i (Eq. 3)."""
-    pairs = sum(len(s["responses"]) * (len(s["responses"]) - 1) // 2 for s in samples)
-    return sum(pair_counts(model, tokenizer, samples, batch_size, max_len, max_prompt_len)) / pairs
-
-
-# ---- records, results and tables -----------------------------------------------------------------------------
-
-def finished_bytes(path):
-    """A part file up to its last newline: a run killed mid-write leaves at most one unfinished line after it."""
-    with open(path, "rb") as f:
-        content = f.read()
-    return content[:content.rfind(b"\n") + 1]
-
-
-def read_parts(part_dir):
-    """{id: record} over the part files of every rank of every earlier run, whatever its number of ranks."""
-    records = {}
-    for name in sorted(os.listdir(part_dir)):
-        path = os.path.join(part_dir, name)
-        for line_no, line in enumerate(finished_bytes(path).decode("utf-8").split("\n")[:-1], 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); delete the line to resume") from None
-            records.setdefault(record["id"], record)
-    return records
-
+# ---- results and tables -----------------------------------------------------------------------------------------
 
 def summarize(records, subsets):
     """Per subset and Total: n, BLEU x100, Reward = mean sigmoid(RM score) x100, pairwise accuracy x100, empty."""
@@ -204,99 +169,92 @@ def format_table(runs):
 
 # ---- the protocol ----------------------------------------------------------------------------------------------
 
-def read_test_files(paths):
+def read_test_files(paths, check=None):
     """Samples of all files in order; the subset of a sample is its "subset" field, else its file's name."""
     samples = []
     for path in paths:
         stem = os.path.basename(path).split(".")[0]
-        samples += [{**s, "subset": s.get("subset") or stem} for s in read_samples(path)]
+        samples += [{**s, "subset": s.get("subset") or stem} for s in read_samples(path, check=check)]
     repeated = [i for i, n in Counter(s["id"] for s in samples).items() if n > 1]
     if repeated:
         raise UserError(f"--data: {len(repeated)} sample ids occur in more than one file, e.g. {repeated[0]!r}")
     return samples
 
 
-def run_share(todo, model, reward_model, part, batch_size, max_new_tokens, max_prompt_len, dtype, progress):
+def content(sample):
+    """What a record was made from: a sample's SHA-256 (prompt, responses, subset), so a changed one is redone."""
+    return hashlib.sha256(json.dumps(sample, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def run_share(todo, cfg, part, progress):
     """Generate, score and append one flushed record per prompt of `todo`, batch by batch as each finishes."""
-    import data
-    import rescore
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    tokenizer = cli.from_pretrained(AutoTokenizer, model, "--model")
-    data.check_tokenizer(tokenizer, "--model")
-    policy = cli.from_pretrained(AutoModelForCausalLM, model, "--model", dtype=getattr(torch, dtype))
+    tokenizer = cli.from_pretrained(AutoTokenizer, cfg.model, "--model")
+    check_tokenizer(tokenizer, "--model")
+    policy = cli.from_pretrained(AutoModelForCausalLM, cfg.model, "--model", dtype=getattr(torch, cfg.dtype))
     policy = policy.to(device).eval()
     policy.generation_config = GenerationConfig()                     # plain greedy, whatever the checkpoint ships
-    rm, rm_tokenizer, format_fn = rescore.load_reward_model(reward_model, device, dtype)
-    with open(part, "a", encoding="utf-8") as f:
-        for idx, texts in generate_batches(policy, tokenizer, [s["prompt"] for s in todo], max_new_tokens,
-                                           max_prompt_len, batch_size, progress):
+    if cfg.share_prompt:
+        check_shared_layout(policy.config, cfg.max_prompt_len + cfg.max_new_tokens)
+    rm, rm_tokenizer, format_fn = rescore.load_reward_model(cfg.reward_model, device, cfg.dtype)
+    with checkpoint.appending(part, "the prompts evaluated so far") as write:
+        for idx, texts in generate_batches(policy, tokenizer, [s["prompt"] for s in todo], cfg.max_new_tokens,
+                                           cfg.max_prompt_len, cfg.batch_size, progress):
             chunk = [todo[i] for i in idx]
-            rewards = rescore.score(rm, rm_tokenizer, format_fn, [s["prompt"] for s in chunk], texts, batch_size)
+            rewards = rescore.score(rm, rm_tokenizer, format_fn, [s["prompt"] for s in chunk], texts, cfg.batch_size)
             # teacher forcing within the generation's budget: 384 + 128 = the 512-token block of training
-            hits = pair_counts(policy, tokenizer, chunk, batch_size, max_prompt_len + max_new_tokens, max_prompt_len)
-            for s, text, reward, correct in zip(chunk, texts, rewards, hits):
-                reference, K = s["responses"][0].strip(), len(s["responses"])
-                f.write(json.dumps({"id": s["id"], "subset": s["subset"], "prompt": s["prompt"], "generation": text,
-                                    "reference": reference, "reward": reward, "bleu": sentence_bleu(text, reference),
-                                    "pairs_correct": correct, "pairs": K * (K - 1) // 2}, ensure_ascii=False) + "\n")
-                f.flush()
+            hits = pair_counts(policy, tokenizer, chunk, cfg.batch_size, cfg.max_prompt_len + cfg.max_new_tokens,
+                               cfg.max_prompt_len, cfg.share_prompt)
+            write([json.dumps({"id": s["id"], "sample_sha256": content(s), "subset": s["subset"], "prompt": s["prompt"],
+                               "generation": text, "reference": s["responses"][0].strip(), "reward": reward,
+                               "bleu": sentence_bleu(text, s["responses"][0].strip()), "pairs_correct": correct,
+                               "pairs": len(s["responses"]) * (len(s["responses"]) - 1) // 2},
+                              ensure_ascii=False) + "\n" for s, text, reward, correct in zip(chunk, texts, rewards, hits)])
 
 
-def evaluate(model, reward_model, data, out, batch_size=8, max_new_tokens=128, max_prompt_len=384, dtype="float32",
-             progress=False):
-    """The whole protocol: `model` and `reward_model` are checkpoints (folders or hub ids), `data` sample files.
+def evaluate(cfg, progress=False):
+    """The whole protocol for a Config: the policy --model and the --reward-model (folders or hub ids) on the
+    --data sample files. Every torchrun rank calls it; rank 0 merges the ranks' records and returns the results
+    (see summarize), the other ranks return None. A rerun with the same --out resumes, and redoes the records
+    of samples whose content changed; other models or decoding settings are refused."""
+    parts = os.path.join(cfg.out, "parts")
+    cli.output_dir(cfg.out, "--out")
+    os.makedirs(parts, exist_ok=True)
+    with checkpoint.ranks() as (rank, world), checkpoint.lock(os.path.join(cfg.out, ".lock"), f"--out {cfg.out}"):
+        # the data, each prompt checked against the reward model's input format before anything loads
+        format_fn = rescore.reward_format(cfg.reward_model)[2]
+        samples = read_test_files(cfg.data, check=lambda s: format_fn(s["prompt"], s["responses"][0]))
+        settings = {"--model": checkpoint.fingerprint(cfg.model), "--reward-model": checkpoint.fingerprint(
+            cfg.reward_model), "--max-new-tokens": cfg.max_new_tokens, "--max-prompt-len": cfg.max_prompt_len,
+            "--dtype": cfg.dtype}
+        files = sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
+        shas = {s["id"]: content(s) for s in samples}
+        done = checkpoint.read_parts(files, keep=lambda r: r.get("sample_sha256") == shas.get(r["id"]))
+        settings_path = os.path.join(cfg.out, "settings.json")
+        if files and os.path.exists(settings_path):
+            checkpoint.check_settings(checkpoint.read_json(settings_path), settings, f"--out {cfg.out}")
+        todo = [s for i, s in enumerate(samples) if i % world == rank and s["id"] not in done]
+        checkpoint.barrier()                                          # every rank has read before any appends
+        if rank == 0:
+            checkpoint.write_json(settings_path, settings)
 
-    Every torchrun rank calls it (a process group is needed only for barriers); rank 0 merges the ranks' records
-    and returns the results (see summarize), the other ranks return None. A rerun with the same `out` resumes.
-    """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+        # this rank's share: a full copy of the policy and the reward model, loaded only if work is left
+        if todo:
+            run_share(todo, cfg, os.path.join(parts, f"rank{rank}.jsonl"), progress and rank == 0)
+        checkpoint.barrier()
+        if rank != 0:
+            return None
 
-    # data, and what an earlier run in `out` already did
-    samples = read_test_files(data)
-    where = lambda p: os.path.abspath(p) if os.path.exists(p) else p   # a folder, or a hub id
-    settings = {"model": where(model), "reward_model": where(reward_model), "data": [where(p) for p in data],
-                "max_new_tokens": max_new_tokens, "max_prompt_len": max_prompt_len, "dtype": dtype}
-    settings_path, part_dir = os.path.join(out, "settings.json"), os.path.join(out, "parts")
-    if os.path.exists(settings_path):
-        old = read_json(settings_path)
-        changed = [k for k in settings if old.get(k) != settings[k]]
-        if changed:
-            raise UserError(f"--out {out} holds a run with other {', '.join(changed)} ({old.get(changed[0])}): "
-                            "pass the same settings to resume it, or a new --out")
-    cli.output_dir(part_dir, "--out")
-    my_part = os.path.join(part_dir, f"rank{rank}.jsonl")
-    if os.path.exists(my_part):                                       # cut an unfinished line before appending
-        os.truncate(my_part, len(finished_bytes(my_part)))            # (each rank cuts only its own file)
-    barrier()
-    done = read_parts(part_dir)
-    stale = [s["id"] for s in samples if s["id"] in done and done[s["id"]]["prompt"] != s["prompt"]]
-    if stale:
-        raise UserError(f"--out {out}: its parts hold generations for other prompts (e.g. {stale[0]!r}): "
-                        "use a new --out")
-    todo = [s for i, s in enumerate(samples) if i % world == rank and s["id"] not in done]
-    barrier()                                                         # every rank has read before any appends
-    if rank == 0:
-        write_json(settings_path, settings)
-
-    # this rank's share: a full copy of the policy and the reward model, loaded only if work is left
-    if todo:
-        run_share(todo, model, reward_model, my_part, batch_size, max_new_tokens, max_prompt_len, dtype,
-                  progress and rank == 0)
-    barrier()
-    if rank != 0:
-        return None
-
-    # merge the parts in input order, and write the results
-    found = read_parts(part_dir)
-    records = [found[s["id"]] for s in samples]
-    write_jsonl(os.path.join(out, "generations.jsonl"), records)
-    results = summarize(records, list(dict.fromkeys(s["subset"] for s in samples)))
-    write_json(os.path.join(out, "results.json"), results)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(format_table([(os.path.basename(os.path.normpath(out)), results)]))
-    return results
+        # merge the parts in input order, and write the results
+        files = sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
+        found = checkpoint.read_parts(files, keep=lambda r: r.get("sample_sha256") == shas.get(r["id"]))
+        records = [found[s["id"]] for s in samples]
+        write_jsonl(os.path.join(cfg.out, "generations.jsonl"), records)
+        results = summarize(records, list(dict.fromkeys(s["subset"] for s in samples)))
+        checkpoint.write_json(os.path.join(cfg.out, "results.json"), results)
+        with open(os.path.join(cfg.out, "table.md"), "w") as f:
+            f.write(format_table([(os.path.basename(os.path.normpath(cfg.out)), results)]))
+        return results
 
 
 @dataclass
@@ -309,8 +267,10 @@ class Config:
     batch_size: int = opt(8, "prompts per batch", at_least=1)
     max_new_tokens: int = opt(128, "greedy tokens per reply", at_least=1)
     max_prompt_len: int = opt(384, "prompt tokens kept, cut from the left (special tokens included)", at_least=1)
-    dtype: str = opt("float32", "policy and reward model dtype: float32 as the authors ran them, or bfloat16",
-                     choices=["float32", "bfloat16", "float16"])
+    dtype: str = opt("float32", "policy and reward model dtype: float32 as the authors ran them, or bfloat16 "
+                                "(faster on GPUs); float64 makes greedy choices independent of the CPU's kernels",
+                     choices=["float32", "bfloat16", "float16", "float64"])
+    share_prompt: bool = opt(True, "teacher forcing with one row per prompt (as train.py)")
     compare: list[str] = opt(None, "instead: print these finished runs (their --out folders) side by side",
                              nargs="+")
 
@@ -321,7 +281,7 @@ def main(argv=None):
         runs = []
         for d in cfg.compare:
             cli.input_file(os.path.join(d, "results.json"), "--compare")
-            runs.append((os.path.normpath(d), read_json(os.path.join(d, "results.json"))))
+            runs.append((os.path.normpath(d), checkpoint.read_json(os.path.join(d, "results.json"))))
         print(format_table(runs), end="")
         return
     missing = [f"--{k.replace('_', '-')}" for k in ("model", "reward_model", "data", "out") if not getattr(cfg, k)]
@@ -329,28 +289,16 @@ def main(argv=None):
         raise UserError(f"{', '.join(missing)} required (or --compare DIR...)")
     for path in cfg.data:
         cli.input_file(path, "--data")
-    for flag, path in (("--model", cfg.model), ("--reward-model", cfg.reward_model)):
-        if cli.looks_local(path) and not os.path.isdir(path):
-            raise UserError(f"{flag} {path}: no such folder (a checkpoint folder, or a hub id such as owner/name)")
-    cli.output_dir(cfg.out, "--out")
-
-    # distributed: torchrun sets RANK; a plain `python evaluate.py` runs the same code as a world of one.
-    # The group only holds barriers, so gloo serves GPUs too, with a timeout long enough for the slowest rank.
-    if "RANK" in os.environ:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("gloo", timeout=timedelta(hours=48))
-    try:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(json.dumps(vars(cfg)))
-        results = evaluate(cfg.model, cfg.reward_model, cfg.data, cfg.out, cfg.batch_size, cfg.max_new_tokens,
-                           cfg.max_prompt_len, cfg.dtype, progress=True)
-        if results is not None:
-            with open(os.path.join(cfg.out, "table.md")) as f:
-                print(f.read(), end="")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    cli.checkpoint_dir(cfg.model, "--model", tokenizer=True)
+    cli.checkpoint_dir(cfg.reward_model, "--reward-model", tokenizer=True)
+    if "RANK" in os.environ and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(vars(cfg)))
+    results = evaluate(cfg, progress=True)
+    if results is not None:
+        with open(os.path.join(cfg.out, "table.md")) as f:
+            print(f.read(), end="")
 
 
 if __name__ == "__main__":

@@ -14,22 +14,21 @@ The paper's reward models are OpenAssistant's GPT-NeoX models (model type `gpt_n
 transformers cannot load; importing this module registers them. Each reward model sees its input as it was
 trained: OpenAssistant's role tokens for those, the tokenizer's chat template for others that have one, else
 prompt + " " + response + EOS after the tokenizer's own special tokens (what --train-reward-model trains on).
-Scoring is resumable: finished samples are appended to OUT.part<rank>, beside OUT.settings.json (reward model,
-dtype, max length, the input's SHA-256); a rerun with the same settings skips them, one with others is refused.
---dtype float32 (the default) is what the authors ran; bfloat16 is faster on GPUs but moves rewards by ~1e-2.
+Scoring holds OUT.lock for the whole run (a second run on the same --out is refused), checks every prompt
+against the reward model's input format before its weights load, and is resumable: finished samples are appended
+to OUT.part<rank>, beside OUT.settings.json (the reward model, the input's SHA-256, dtype, max length); a rerun
+with the same settings skips them, one with others is refused (checkpoint.py). --dtype float32 (the default) is
+what the authors ran; bfloat16 is faster on GPUs but moves rewards by ~1e-2.
 """
 
 import glob
-import hashlib
 import json
 import os
 import random
 import re
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -37,9 +36,11 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
                           GPTNeoXModel, GPTNeoXPreTrainedModel)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+import checkpoint
 import cli
 import data
-from cli import UserError, opt
+from cli import opt
+from data import UserError
 
 # ---- the OpenAssistant reward models -------------------------------------------------------------------------
 
@@ -106,32 +107,35 @@ def encode(tokenizer, texts, max_length):
 
 # ---- scoring -------------------------------------------------------------------------------------------------
 
+def reward_format(path, flag="--reward-model", **config_kwargs):
+    """-> (config, tokenizer, format_fn): all of a reward model but its weights, so that every prompt can be
+    checked against its input format before they load. The tokenizer pads on the right (see `reward_forward`)."""
+    config = cli.from_pretrained(AutoConfig, path, flag, **config_kwargs)
+    tokenizer = cli.from_pretrained(AutoTokenizer, path, flag)
+    oa = config.model_type == "gpt_neox_reward_model"        # one output, pooled by the attention mask
+    if not oa and config.num_labels != 1:
+        raise UserError(f"{flag} {path}: the model has {config.num_labels} outputs (num_labels); a reward model has one")
+    if tokenizer.pad_token is None:     # many causal LMs ship without one; with right padding EOS is safe
+        if tokenizer.eos_token is None:
+            raise UserError(f"{flag} {path}: its tokenizer has neither a pad nor an EOS token to pad a batch with; "
+                            "set pad_token in its tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+    # transformers' *ForSequenceClassification pool the rightmost token that is not config.pad_token_id
+    if not oa and config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    elif not oa and config.pad_token_id != tokenizer.pad_token_id:
+        raise UserError(f"{flag} {path}: the model pools by pad_token_id {config.pad_token_id} but the tokenizer pads "
+                        f"with {tokenizer.pad_token_id}: fix pad_token_id in its config.json")
+    return config, tokenizer, format_for(config, tokenizer)
+
+
 def load_reward_model(path, device="cpu", dtype="float32", flag="--reward-model"):
     """-> (model, tokenizer, format_fn) for any AutoModelForSequenceClassification with one output, in `dtype`
     (OpenAssistant's configs say float16; the authors ran them in float32)."""
-    model = cli.from_pretrained(AutoModelForSequenceClassification, path, flag, dtype=getattr(torch, dtype))
-    model = model.to(device).eval()
-    tokenizer = cli.from_pretrained(AutoTokenizer, path, flag)
-    set_padding(model, tokenizer)
-    return model, tokenizer, format_for(model.config, tokenizer)
-
-
-def set_padding(model, tokenizer):
-    """Make sure the model's pooling finds the last real token of a right-padded row (see `reward_forward`)."""
-    oa = model.config.model_type == "gpt_neox_reward_model"   # one output, pooled by the attention mask
-    if not oa and model.config.num_labels != 1:
-        raise UserError(f"the reward model has {model.config.num_labels} outputs (num_labels); a reward model has one")
-    if tokenizer.pad_token is None:     # many causal LMs ship without one; with right padding EOS is safe
-        print(f"the tokenizer has no pad token: padding with EOS {tokenizer.eos_token!r}")
-        tokenizer.pad_token = tokenizer.eos_token
-    if oa:
-        return
-    # transformers' *ForSequenceClassification pool the rightmost token that is not config.pad_token_id
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    elif model.config.pad_token_id != tokenizer.pad_token_id:
-        raise UserError(f"the model pools by pad_token_id {model.config.pad_token_id} but the tokenizer pads with "
-                         f"{tokenizer.pad_token_id}: fix pad_token_id in the model's config.json")
+    config, tokenizer, format_fn = reward_format(path, flag)
+    model = cli.from_pretrained(AutoModelForSequenceClassification, path, flag, config=config,
+                                dtype=getattr(torch, dtype))
+    return model.to(device).eval(), tokenizer, format_fn
 
 
 def reward_forward(model, ids, pad_id):
@@ -145,8 +149,6 @@ def reward_forward(model, ids, pad_id):
         input_ids[n, :len(x)], attention_mask[n, :len(x)] = torch.tensor(x), 1
     device = next(model.parameters()).device
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # [N, 1]
-    if logits.shape[-1] != 1:
-        raise ValueError(f"the reward model gives {logits.shape[-1]} outputs per sequence; a reward model gives one")
     return logits[:, 0].float()
 
 
@@ -187,134 +189,85 @@ def noise_stats(human_rewards, sft_rewards, reward_gap):
             **dict(zip(("min", "q1", "median", "q3", "max"), quartiles)), "mean": rewards.mean().item()}
 
 
-def read_part(path):
-    """({id: rewards}, byte length of the finished lines) of a part file. A crash mid-write leaves at most one
-    unfinished last line (no newline yet): it is ignored. A broken line before it is an error."""
-    with open(path, "rb") as f:
-        finished = f.read()
-    finished = finished[:finished.rfind(b"\n") + 1]
-    results = {}
-    for line_no, line in enumerate(finished.decode("utf-8", errors="replace").splitlines(), 1):
-        try:
-            obj = json.loads(line)
-            results.setdefault(obj["id"], obj["rewards"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path}:{line_no}: broken line; delete the file to rescore its samples") from None
-    return results, len(finished)
-
-
-def read_parts(out, K):
-    """{id: rewards} of the samples finished by any rank of this run or an earlier one; K: {id: responses}."""
-    done = {}
-    for path in sorted(glob.glob(glob.escape(out) + ".part*")):
-        for id_, rewards in read_part(path)[0].items():
-            if K.get(id_) != len(rewards):
-                raise UserError(f"{path}: id {id_!r} with {len(rewards)} rewards is not in the input; "
-                                "the part files are left from another data file: delete them")
-            done.setdefault(id_, rewards)
-    return done
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_settings(out, settings):
-    """Part files may only be resumed with the settings that scored them: else one output would mix two scorers.
-    Settings with no scored sample behind them yet are simply replaced."""
-    path = out + ".settings.json"
-    scored = [p for p in glob.glob(glob.escape(out) + ".part*") if os.path.getsize(p)]
-    if scored and not os.path.exists(path):
-        raise UserError(f"--out {out}: {scored[0]} has no {path} to say what scored it; delete the part files")
-    if scored:
-        old = data.read_json(path)
-        for key in settings:
-            if old.get(key) != settings[key]:
-                raise UserError(f"--out {out}: its unfinished parts were scored with {key} {old.get(key)}, not "
-                                f"{settings[key]}; rerun with the same settings, or delete {out}.part* and {path}")
-    return path
-
-
 def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_size=16, reward_gap=3.0,
                  max_length=1024, sft_human_chosen=False, dtype="float32", score_fn=None):
     """Score every response of `data_path`, write `out` (rewards, re-ranked), print and return the noise statistics.
     Under torchrun, rank r scores the samples i with i % world == r into out.part<r>; once all are done, rank 0
-    writes `out` in input order and returns the statistics (the other ranks return None).
+    writes `out` in input order and returns the statistics (the other ranks return None). A rerun resumes.
     score_fn(prompts, responses) -> rewards replaces the reward model (tests, benchmarks)."""
     cli.input_file(data_path, "--data")
     if os.path.isdir(out):
         raise UserError(f"--out {out}: is a folder; give the output file's name")
     cli.output_dir(os.path.dirname(os.path.abspath(out)), "--out")
-    if score_fn is None and cli.looks_local(reward_model) and not os.path.isdir(reward_model):
-        raise UserError(f"--reward-model {reward_model}: no such folder (a checkpoint folder, or a hub id)")
-    samples = data.read_samples(data_path)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    own_group = world > 1 and not dist.is_initialized()
-    if own_group:   # for barriers only, so gloo suffices even on GPUs; a rank may wait hours for the slowest
-        dist.init_process_group("gloo", timeout=timedelta(hours=48))
-    barrier = dist.barrier if world > 1 else (lambda: None)
-    try:
-        # what earlier runs finished, if they had the same settings (one pass over the parts, not one per sample)
-        where = lambda p: os.path.abspath(p) if os.path.exists(p) else p   # a folder, or a hub id
-        settings = {"reward_model": where(reward_model), "data_sha256": sha256(data_path), "max_length": max_length,
-                    "dtype": dtype}
-        settings_path = check_settings(out, settings)
-        K = {s["id"]: len(s["responses"]) for s in samples}
-        done = read_parts(out, K)
-        barrier()                                                  # every rank has read before any appends
+    if score_fn is None:
+        cli.checkpoint_dir(reward_model, "--reward-model")
+    with checkpoint.ranks() as (rank, world), checkpoint.lock(out + ".lock", f"--out {out}"):
+        # the data, each prompt checked against the reward model's input format before its weights load
+        format_fn = reward_format(reward_model)[2] if score_fn is None else lambda prompt, response: ""
+        samples = data.read_samples(data_path, check=lambda s: [format_fn(s["prompt"], r) for r in s["responses"]])
+        settings = {"--reward-model": checkpoint.fingerprint(reward_model), "--data": checkpoint.fingerprint(data_path),
+                    "--max-length": max_length, "--dtype": dtype}
+        done = finished(out, settings, {s["id"]: len(s["responses"]) for s in samples})
+        checkpoint.barrier()                                       # every rank has read before any appends
         if rank == 0:
-            data.write_json(settings_path, settings)
+            checkpoint.write_json(out + ".settings.json", settings)
 
-        # score this rank's unfinished share a chunk at a time: enough rows for length-sorted batches
+        # this rank's unfinished share, a chunk at a time: enough rows for length-sorted batches
         share = [s for i, s in enumerate(samples) if i % world == rank]
         todo = [s for s in share if s["id"] not in done]
-        if todo:
-            if score_fn is None:
-                device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-                model, tokenizer, format_fn = load_reward_model(reward_model, device, dtype)
-                score_fn = lambda prompts, responses: score(model, tokenizer, format_fn, prompts, responses,
-                                                            batch_size, max_length)
-            part = f"{out}.part{rank}"
-            if os.path.exists(part):     # cut an unfinished last line before appending after it
-                os.truncate(part, read_part(part)[1])
-            chunk = max(1, batch_size * 16 // len(todo[0]["responses"]))
-            with open(part, "a", encoding="utf-8") as f, tqdm(total=len(share), initial=len(share) - len(todo),
-                                                              desc=f"rescoring {data_path}", disable=rank != 0) as bar:
-                for start in range(0, len(todo), chunk):
-                    batch = todo[start:start + chunk]
-                    rewards = iter(score_fn(*zip(*[(s["prompt"], r) for s in batch for r in s["responses"]])))
-                    f.write("".join(json.dumps({"id": s["id"], "rewards": [next(rewards) for _ in s["responses"]]})
-                                    + "\n" for s in batch))
-                    f.flush()        # a crash loses at most the chunk being written
-                    bar.update(len(batch))
-        barrier()
-        if rank != 0:
-            return None
+        if todo and score_fn is None:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+            model, tokenizer, format_fn = load_reward_model(reward_model, device, dtype)
+            score_fn = lambda prompts, responses: score(model, tokenizer, format_fn, prompts, responses, batch_size,
+                                                        max_length)
+        chunk = max(1, batch_size * 16 // len(samples[0]["responses"]))
+        with checkpoint.appending(f"{out}.part{rank}", "the samples scored so far") as write, \
+                tqdm(total=len(share), initial=len(share) - len(todo), desc=f"rescoring {data_path}",
+                     disable=rank != 0 or not todo) as bar:
+            for start in range(0, len(todo), chunk):
+                batch = todo[start:start + chunk]
+                rewards = iter(score_fn(*zip(*[(s["prompt"], r) for s in batch for r in s["responses"]])))
+                write([json.dumps({"id": s["id"], "rewards": [next(rewards) for _ in s["responses"]]}) + "\n"
+                       for s in batch])                            # a kill loses at most the chunk in hand
+                bar.update(len(batch))
+        checkpoint.barrier()
+        return merge(out, samples, keep_human_order, sft_human_chosen, reward_gap) if rank == 0 else None
 
-        # merge: one output in input order, written atomically; then the part files and their settings go
-        done = read_parts(out, K)
-        missing = [s["id"] for s in samples if s["id"] not in done]
-        if missing:
-            raise RuntimeError(f"{len(missing)} samples were not scored, e.g. {missing[0]!r}; rerun to finish them")
-        rescored = [rerank(s, done[s["id"]], keep_human_order, sft_human_chosen) for s in samples]
-        data.write_jsonl(out, rescored)
-        for path in glob.glob(glob.escape(out) + ".part*") + [settings_path]:
-            os.remove(path)
-        stats = noise_stats([done[s["id"]] for s in samples], [s["rewards"][s["sft_index"]] for s in rescored],
-                            reward_gap)
-        print(f"wrote {out}: {stats['samples']} samples, {stats['pairs']} pairs\n"
-              f"  reward model disagrees with the human order: {stats['disagree']:.1%} of pairs\n"
-              f"  within reward_gap {reward_gap} (ignored by Eq. 5): {stats['within_gap']:.1%} of pairs\n"
-              f"  SFT target with reward <= 0 (Eq. 7's SFT term off): {stats['sft_off']:.1%} of samples\n"
-              "  rewards: " + "  ".join(f"{k} {stats[k]:.3f}" for k in ("min", "q1", "median", "q3", "max", "mean")))
-        return stats
-    finally:
-        if own_group:
-            dist.destroy_process_group()
+
+def finished(out, settings, K):
+    """{id: rewards} that earlier runs on `out` finished, if they had the same settings and input."""
+    parts = sorted(glob.glob(glob.escape(out) + ".part*"))
+    done = {id_: r["rewards"] for id_, r in checkpoint.read_parts(parts).items()}
+    if not done:
+        return done
+    if not os.path.exists(out + ".settings.json"):
+        raise UserError(f"--out {out}: its part files have no {out}.settings.json to say what made them; delete them")
+    checkpoint.check_settings(checkpoint.read_json(out + ".settings.json"), settings, f"--out {out} (its part files)")
+    for id_, rewards in done.items():
+        if K.get(id_) != len(rewards):
+            raise UserError(f"--out {out}: id {id_!r} with {len(rewards)} rewards in its part files is not in the "
+                            "input: they are left from another data file, delete them")
+    return done
+
+
+def merge(out, samples, keep_human_order, sft_human_chosen, reward_gap):
+    """Rank 0, once every rank is done: one output in input order, written atomically; then the parts go."""
+    parts = glob.glob(glob.escape(out) + ".part*")
+    done = {id_: r["rewards"] for id_, r in checkpoint.read_parts(sorted(parts)).items()}
+    missing = [s["id"] for s in samples if s["id"] not in done]
+    if missing:
+        raise RuntimeError(f"{len(missing)} samples were not scored, e.g. {missing[0]!r}")
+    rescored = [rerank(s, done[s["id"]], keep_human_order, sft_human_chosen) for s in samples]
+    data.write_jsonl(out, rescored)
+    for path in parts + [out + ".settings.json"]:
+        os.remove(path)
+    stats = noise_stats([done[s["id"]] for s in samples], [s["rewards"][s["sft_index"]] for s in rescored], reward_gap)
+    print(f"wrote {out}: {stats['samples']} samples, {stats['pairs']} pairs\n"
+          f"  reward model disagrees with the human order: {stats['disagree']:.1%} of pairs\n"
+          f"  within reward_gap {reward_gap} (ignored by Eq. 5): {stats['within_gap']:.1%} of pairs\n"
+          f"  SFT target with reward <= 0 (Eq. 7's SFT term off): {stats['sft_off']:.1%} of samples\n"
+          "  rewards: " + "  ".join(f"{k} {stats[k]:.3f}" for k in ("min", "q1", "median", "q3", "max", "mean")))
+    return stats
 
 # ---- training a reward model (Eq. 1) ---------------------------------------------------------------------------
 
@@ -329,8 +282,8 @@ def preference_pairs(samples):
             for s in samples for i in range(len(s["responses"])) for j in range(i + 1, len(s["responses"]))]
 
 
-def pairwise_accuracy(model, tokenizer, format_fn, pairs, batch_size=16, max_length=1024):
-    """Share of pairs whose preferred response gets the higher reward."""
+def reward_accuracy(model, tokenizer, format_fn, pairs, batch_size=16, max_length=1024):
+    """Share of the (x, y_c, y_r) pairs in which the reward model scores the preferred response higher."""
     prompts, chosen, rejected = zip(*pairs)
     r_c = score(model, tokenizer, format_fn, prompts, chosen, batch_size, max_length)
     r_r = score(model, tokenizer, format_fn, prompts, rejected, batch_size, max_length)
@@ -353,11 +306,9 @@ def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size
     print(f"{len(pairs)} training pairs, {len(dev_pairs)} held-out pairs ({dev or f'10% of {train}'})")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = cli.from_pretrained(AutoModelForSequenceClassification, base, "--base", num_labels=1,
+    config, tokenizer, format_fn = reward_format(base, "--base", num_labels=1)   # as the scorer will see it
+    model = cli.from_pretrained(AutoModelForSequenceClassification, base, "--base", config=config,
                                 dtype=torch.float32).to(device)
-    tokenizer = cli.from_pretrained(AutoTokenizer, base, "--base")
-    set_padding(model, tokenizer)
-    format_fn = format_for(model.config, tokenizer)     # the scorer rebuilds the same one from the saved model
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     n_pairs, g = max(1, batch_size // 2), torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
@@ -377,7 +328,7 @@ def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size
             if step % 50 == 0:
                 print(f"epoch {epoch} step {step}: loss {loss.item():.4f}")
         model.eval()
-        accuracy = pairwise_accuracy(model, tokenizer, format_fn, dev_pairs, batch_size, max_length)
+        accuracy = reward_accuracy(model, tokenizer, format_fn, dev_pairs, batch_size, max_length)
         print(f"epoch {epoch}: held-out pairwise accuracy {accuracy:.3f} on {len(dev_pairs)} pairs")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -32,7 +32,7 @@ import demo
 import evaluate
 import rescore
 import train
-from conftest import train_args
+from conftest import generate, pairwise_accuracy, train_args
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_sequence_logps_rejects_bad_masks():
     logits, ids = torch.zeros(2, 5, 7), torch.zeros(2, 5, dtype=torch.long)
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[0, 2:] = True
-    with pytest.raises(ValueError, match=r"rows \[1\] have no response tokens"):
+    with pytest.raises(ValueError, match=r"sequences \[1\] have no response tokens"):
         clha_loss.sequence_logps(logits, ids, mask)
     mask[1, 0:3] = True
     with pytest.raises(ValueError, match=r"rows \[1\] have a response token at position 0"):
@@ -514,9 +514,9 @@ def test_validation_is_a_mean_over_prompts(tiny, tokenizer, one_process):
     cfg = train.Config(model=tiny["base"], dtype="float32", batch_size=2)
     model = train.build_model(cfg, AutoConfig.from_pretrained(tiny["base"]), device, rank)
     dev = tiny["dev_samples"][:5]
-    got = train.validate(cfg, model, dev, tokenizer, 2, rank, world, device)
+    got = train.validate(cfg, model, dev, tokenizer, rank, world, device)
     with torch.no_grad():
-        alone = [train.objective(cfg, model, data.make_batch(tokenizer, [s], cfg.max_len, cfg.max_prompt_len), 2,
+        alone = [train.objective(cfg, model, data.make_batch(tokenizer, [s], cfg.max_len, cfg.max_prompt_len),
                                  device)[1] for s in dev]
     for key in ("loss", "loss_rank", "loss_sft", "acc", "pairs_kept", "sft_on"):
         assert got[key] == pytest.approx(sum(m[key].item() for m in alone) / 5, rel=1e-5), key
@@ -528,7 +528,7 @@ def test_validation_is_a_mean_over_prompts(tiny, tokenizer, one_process):
 def held_out_accuracy(model_dir, samples):
     from transformers import AutoTokenizer
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return evaluate.pairwise_accuracy(model, AutoTokenizer.from_pretrained(model_dir), samples, max_len=128,
+    return pairwise_accuracy(model, AutoTokenizer.from_pretrained(model_dir), samples, max_len=128,
                                       max_prompt_len=64)
 
 
@@ -562,7 +562,6 @@ def test_bad_setups_fail_before_training(tiny, tmp_path):
         cli.parse(train.Config, ["--lr", "none"])
     (tmp_path / "used" / "checkpoints" / "step_0000003").mkdir(parents=True)
     fails(r"already holds a run \(checkpoints/ or final/\): pass --resume", out=tmp_path / "used")
-    fails(r"--resume: no complete checkpoint", "--resume", out=tmp_path / "fresh")
     with pytest.raises(cli.UserError, match=r"--model is required \(python train.py with no flags at all runs the demo"):
         train.main(["--lr", "1e-4"])                      # flags without --model are not silently ignored
     model = LlamaForCausalLM.from_pretrained(tiny["base"])
@@ -768,14 +767,14 @@ def test_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(cli.UserError, match=r"in.jsonl:2"):
         rescore_()
     data.write_jsonl(str(tmp_path / "in.jsonl"), [rm_sample("x", ["a", "b"]), rm_sample("y", ["a", "b"])])
-    settings = {"reward_model": "fake", "data_sha256": rescore.sha256(str(tmp_path / "in.jsonl")),
-                "max_length": 1024, "dtype": "float32"}
+    settings = {"--reward-model": checkpoint.fingerprint("fake"),
+                "--data": checkpoint.fingerprint(str(tmp_path / "in.jsonl")), "--max-length": 1024, "--dtype": "float32"}
     (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(settings))
     (tmp_path / "out.jsonl.part0").write_text('{"id": "x", "rewards": [1.0, 0.0]}\nnot json\n{"id": "y"')
     with pytest.raises(cli.UserError, match=r"out.jsonl.part0:2"):
         rescore_()
     (tmp_path / "out.jsonl.part0").write_text('{"id": "z", "rewards": [1.0, 0.0]}\n')   # left from another file
-    with pytest.raises(cli.UserError, match="'z' with 2 rewards is not in the input"):
+    with pytest.raises(cli.UserError, match="'z' with 2 rewards in its part files is not in the input"):
         rescore_()
 
 
@@ -842,7 +841,7 @@ def test_train_reward_model_learns_separable_pairs(rm_demo, tmp_path):
     assert accuracy >= 0.85                           # chance is 0.5; the random base scores about that
     model, tokenizer, format_fn = rescore.load_reward_model(str(tmp_path / "rm"))   # saved in HF format, loads back
     pairs = rescore.preference_pairs(data.read_samples(str(rm_demo / "test.jsonl")))
-    assert rescore.pairwise_accuracy(model, tokenizer, format_fn, pairs, 16, 128) == pytest.approx(accuracy)
+    assert rescore.reward_accuracy(model, tokenizer, format_fn, pairs, 16, 128) == pytest.approx(accuracy)
 
 
 # ---- torchrun ----------------------------------------------------------------------------------------------------
@@ -906,13 +905,18 @@ def env(tmp_path_factory):
             "tokenizer": tokenizer, "policy": policy, "policy_dir": str(tmp / "policy"), "rm_dir": str(tmp / "rm")}
 
 
+def run_eval(env, out, **settings):
+    """evaluate.py's protocol in this process, on the env fixture."""
+    return evaluate.evaluate(evaluate.Config(**{"model": env["policy_dir"], "reward_model": env["rm_dir"],
+                                                "data": env["files"], "out": out, "batch_size": 3,
+                                                "max_new_tokens": N_NEW, "max_prompt_len": 48, **settings}))
+
+
 @pytest.fixture(scope="module")
 def full_run(env):
     """One single-process run of the whole protocol."""
     out = str(env["tmp"] / "run1")
-    results = evaluate.evaluate(env["policy_dir"], env["rm_dir"], env["files"], out, batch_size=3,
-                                max_new_tokens=N_NEW, max_prompt_len=48)
-    return out, results
+    return out, run_eval(env, out)
 
 
 def assert_same_results(a, b):
@@ -982,12 +986,12 @@ def test_batched_generation_equals_one_at_a_time(env):
     model, tok = env["policy"], env["tokenizer"]
     prompts = [s["prompt"] for s in env["samples"][:7]]
     assert len({len(tok(p)["input_ids"]) for p in prompts}) > 2                 # padding really happens
-    batched = evaluate.generate(model, tok, prompts, max_new_tokens=N_NEW, max_prompt_len=48, batch_size=4)
-    single = [evaluate.generate(model, tok, [p], max_new_tokens=N_NEW, max_prompt_len=48)[0] for p in prompts]
+    batched = generate(model, tok, prompts, max_new_tokens=N_NEW, max_prompt_len=48, batch_size=4)
+    single = [generate(model, tok, [p], max_new_tokens=N_NEW, max_prompt_len=48)[0] for p in prompts]
     assert batched == single
     assert len(set(batched)) > 3                                              # the prompts matter
     # and both equal a plain greedy loop on the prompt cut to its last 12 tokens
-    cut = evaluate.generate(model, tok, prompts[:3], max_new_tokens=N_NEW, max_prompt_len=12, batch_size=3)
+    cut = generate(model, tok, prompts[:3], max_new_tokens=N_NEW, max_prompt_len=12, batch_size=3)
     assert cut == [greedy_by_hand(model, tok, p, 12, N_NEW) for p in prompts[:3]]
 
 
@@ -1005,7 +1009,7 @@ def test_pairwise_accuracy_matches_per_sequence_log_softmax(env):
             correct += sum(p[i] > p[j] for i in range(len(p)) for j in range(i + 1, len(p)))
             pairs += len(p) * (len(p) - 1) // 2
     assert pairs == len(samples) + 2                                          # the K = 3 sample has 3 pairs
-    accuracy = evaluate.pairwise_accuracy(model, tok, samples, batch_size=3)
+    accuracy = pairwise_accuracy(model, tok, samples, batch_size=3)
     assert accuracy == pytest.approx(correct / pairs)
     assert 0 < accuracy < 1                                                   # a random model gets some of each
 
@@ -1025,9 +1029,9 @@ def test_summarize_and_table_hand_computed(tmp_path):
     assert table[2] == "| run | 30.00 | 62.50 | 0.00 | 25.00 | 20.00 | 50.00 |"
     (tmp_path / "rank0.jsonl").write_text('{"id": "a"}\n{"id": \n{"id": "c"}\n{"id": "d", "to')
     with pytest.raises(ValueError, match="rank0.jsonl:2"):                     # a broken line before the last
-        evaluate.read_parts(str(tmp_path))
+        checkpoint.read_parts([str(tmp_path / "rank0.jsonl")])
     (tmp_path / "rank0.jsonl").write_text('{"id": "a"}\n{"id": "c"}\n{"id": "d", "to')
-    assert list(evaluate.read_parts(str(tmp_path))) == ["a", "c"]             # a torn last line is skipped
+    assert list(checkpoint.read_parts([str(tmp_path / "rank0.jsonl")])) == ["a", "c"]   # a torn last line is skipped
 
 
 # ---- the whole protocol ------------------------------------------------------------------------------------------
@@ -1037,7 +1041,7 @@ def test_rewards_and_records(env, full_run):
     out, results = full_run
     records = [json.loads(line) for line in read_text(os.path.join(out, "generations.jsonl")).split("\n")[:-1]]
     assert [r["id"] for r in records] == [s["id"] for s in env["samples"]]
-    generations = evaluate.generate(env["policy"], env["tokenizer"], [s["prompt"] for s in env["samples"]],
+    generations = generate(env["policy"], env["tokenizer"], [s["prompt"] for s in env["samples"]],
                                     max_new_tokens=N_NEW, max_prompt_len=48)
     assert [r["generation"] for r in records] == generations
     # the reward model called directly on rescore.py's text, one unpadded sequence at a time
@@ -1064,13 +1068,12 @@ def test_resume_after_interrupt_yields_every_prompt_once(env, full_run):
     lines = read_text(os.path.join(out1, "parts", "rank0.jsonl")).split("\n")
     with open(os.path.join(out, "parts", "rank0.jsonl"), "w", encoding="utf-8") as f:   # 4 lines, a torn fifth
         f.write("\n".join(lines[:4]) + "\n" + lines[4][:25])
-    resumed = evaluate.evaluate(env["policy_dir"], env["rm_dir"], env["files"], out, batch_size=3,
-                                max_new_tokens=N_NEW, max_prompt_len=48)
+    resumed = run_eval(env, out)
     part = [json.loads(line) for line in read_text(os.path.join(out, "parts", "rank0.jsonl")).split("\n")[:-1]]
     assert sorted(r["id"] for r in part) == sorted(s["id"] for s in env["samples"])   # each once, none lost
     assert_same_results(resumed, results)
-    with pytest.raises(cli.UserError, match="max_new_tokens"):                # other settings need a new --out
-        evaluate.evaluate(env["policy_dir"], env["rm_dir"], env["files"], out, max_new_tokens=N_NEW + 1)
+    with pytest.raises(cli.UserError, match=f"--max-new-tokens {N_NEW}, not {N_NEW + 1}"):   # others: a new --out
+        run_eval(env, out, max_new_tokens=N_NEW + 1)
 
 
 def test_torchrun_two_processes_equal_one(env, full_run, monkeypatch, capsys):

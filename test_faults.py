@@ -76,7 +76,7 @@ def test_out_not_writable_and_model_not_a_checkpoint(tiny, tmp_path, capsys):
                    r"--out .*file/run: cannot create this folder \(Not a directory\)")
     (tmp_path / "empty_model").mkdir()
     one_line_error(capsys, train.main, train_args(tiny, tmp_path / "run") + ["--model", str(tmp_path / "empty_model")],
-                   r"--model .*empty_model: cannot load it: ")
+                   r"--model .*empty_model: no config.json in this folder, so no checkpoint")
     shutil.copytree(tiny["base"], tmp_path / "partial")                 # a download cut short
     with open(tmp_path / "partial" / "model.safetensors", "r+b") as f:
         f.truncate(100)
@@ -181,15 +181,15 @@ def test_rescore_resume_with_other_settings_is_refused(tmp_path):
         rescore.rescore_file("rm_a", path, out, batch_size=1, score_fn=crash)
     part = open(out + ".part0").read()
     assert len(part.splitlines()) == 8                         # one chunk: 16 sequences of 2 responses
-    for changed, pattern in ((dict(reward_model="rm_b"), "reward_model rm_a, not rm_b"),
-                             (dict(max_length=512), "max_length 1024, not 512"),
-                             (dict(dtype="bfloat16"), "dtype float32, not bfloat16")):
+    for changed, pattern in ((dict(reward_model="rm_b"), r"\(its part files\) was made with --reward-model rm_a, not rm_b"),
+                             (dict(max_length=512), "made with --max-length 1024, not 512"),
+                             (dict(dtype="bfloat16"), "made with --dtype float32, not bfloat16")):
         settings = dict(reward_model="rm_a", max_length=1024, dtype="float32") | changed
         with pytest.raises(cli.UserError, match=pattern):
             rescore.rescore_file(settings.pop("reward_model"), path, out, batch_size=1, score_fn=crash, **settings)
     with open(path, "a") as f:                                 # the same file name, other contents
         f.write(json.dumps(sample("s99")) + "\n")
-    with pytest.raises(cli.UserError, match="data_sha256"):
+    with pytest.raises(cli.UserError, match=r"--data .*in.jsonl: its contents changed since --out .* was made from it"):
         rescore.rescore_file("rm_a", path, out, batch_size=1, score_fn=crash)
     assert open(out + ".part0").read() == part and not os.path.exists(out)            # nothing mixed or lost
 
@@ -234,26 +234,34 @@ def test_a_30_mb_line_is_cut_before_it_is_tokenized(tokenizers):
 # ---- evaluate.py --------------------------------------------------------------------------------------------
 
 def test_evaluate_mistakes(tiny, tmp_path, capsys):
+    rm = tmp_path / "rm"                                       # a reward model's config: one output
+    shutil.copytree(tiny["base"], rm)
+    config = json.loads((rm / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps(config | {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}))
     write(tmp_path / "empty.jsonl", [])
     out = tmp_path / "eval"
-    one_line_error(capsys, evaluate.main, ["--model", tiny["base"], "--reward-model", tiny["base"], "--data",
+    one_line_error(capsys, evaluate.main, ["--model", tiny["base"], "--reward-model", str(rm), "--data",
                                            str(tmp_path / "empty.jsonl"), "--out", str(out)], r"empty.jsonl: no samples")
-    assert os.listdir(out) == []                               # no empty generations.jsonl
-    (tmp_path / "file").write_text("")
+    assert sorted(os.listdir(out)) == ["parts"] and os.listdir(out / "parts") == []    # no empty generations.jsonl
     one_line_error(capsys, evaluate.main, ["--model", tiny["base"], "--reward-model", tiny["base"], "--data",
+                                           tiny["dev"], "--out", str(out)], r"--reward-model .*base: the model has 2 "
+                                                                            r"outputs \(num_labels\)")
+    (tmp_path / "file").write_text("")
+    one_line_error(capsys, evaluate.main, ["--model", tiny["base"], "--reward-model", str(rm), "--data",
                                            tiny["dev"], "--out", str(tmp_path / "file" / "x")],
                    r"--out .*file/x: cannot create this folder")
-    one_line_error(capsys, evaluate.main, ["--model", "./nomodel", "--reward-model", tiny["base"], "--data",
+    one_line_error(capsys, evaluate.main, ["--model", "./nomodel", "--reward-model", str(rm), "--data",
                                            tiny["dev"], "--out", str(out)], r"--model ./nomodel: no such folder")
-    settings = {"model": "/other/model", "reward_model": os.path.abspath(tiny["base"]),
-                "data": [os.path.abspath(tiny["dev"])], "max_new_tokens": 128, "max_prompt_len": 384,
-                "dtype": "float32"}
+    # records made by another run: its settings must be these
+    (out / "parts" / "rank0.jsonl").write_text(json.dumps({"id": "x", "sample_sha256": "0"}) + "\n")
+    settings = {"--model": {"path": "/other/model", "sha256": None}, "--reward-model": checkpoint.fingerprint(str(rm)),
+                "--max-new-tokens": 128, "--max-prompt-len": 384, "--dtype": "float32"}
     (out / "settings.json").write_text(json.dumps(settings))
-    argv = ["--model", tiny["base"], "--reward-model", tiny["base"], "--data", tiny["dev"], "--out", str(out)]
-    one_line_error(capsys, evaluate.main, argv, r"--out .*eval holds a run with other model \(/other/model\)")
-    settings.pop("dtype")                                      # written by the version before --dtype
-    (out / "settings.json").write_text(json.dumps(dict(settings, model=os.path.abspath(tiny["base"]))))
-    one_line_error(capsys, evaluate.main, argv, r"holds a run with other dtype \(None\)")
+    argv = ["--model", tiny["base"], "--reward-model", str(rm), "--data", tiny["dev"], "--out", str(out)]
+    one_line_error(capsys, evaluate.main, argv, r"--out .*eval was made with --model /other/model, not .*base; rerun")
+    settings.pop("--dtype")                                    # written by a version before --dtype
+    (out / "settings.json").write_text(json.dumps(dict(settings, **{"--model": checkpoint.fingerprint(tiny["base"])})))
+    one_line_error(capsys, evaluate.main, argv, r"was made with --dtype None, not float32")
     (out / "settings.json").write_text('{"model": ')               # a kill mid-write, before writes were atomic
     one_line_error(capsys, evaluate.main, argv, r"settings.json: not valid JSON")
 
@@ -294,7 +302,7 @@ def test_resume_refuses_other_settings_and_a_broken_export_loses_nothing(tiny, f
     shutil.copytree(finished[0], out)
     one_line_error(capsys, train.main, train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume",
                                                   "--margin", "1"),
-                   r"--resume: .*step_0000006 was trained with --margin 3.0, not 1.0")
+                   r"--resume: .*step_0000006 was made with --margin 3.0, not 1.0; rerun with the same settings")
     one_line_error(capsys, train.main, train_args(tiny, out, "--max-steps", "4", "--dtype", "float32", "--resume"),
                    r"--max-steps 4: .*step_0000006 is already past it")
     one_line_error(capsys, train.main, train_args(tiny, out, "--max-steps", "6", "--dtype", "float32"),

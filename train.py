@@ -1,21 +1,31 @@
 """CLHA training (Fang et al. 2024, Sec. 2-3) with FSDP2 under torchrun: one CPU process up to 8 GPUs and beyond.
 
-    python train.py                        # no --model: the built-in demo, end to end on a CPU (see demo.py)
+    python train.py                        # no flags at all: the built-in demo, end to end on a CPU (demo.py)
     torchrun --nproc_per_node 8 train.py --model huggyllama/llama-7b \\
         --train data/hh2/train.rm.jsonl --dev data/hh2/dev.rm.jsonl --out runs/clha2
     python train.py --model ... --cpu-offload    # one GPU of 24-80 GB: parameters, gradients, AdamW on the host
 
-Prints the config, a progress bar, and every --log-every steps a line of metrics (also in OUT/log.jsonl).
-Writes sharded, resumable checkpoints to OUT/checkpoints/step_N (--resume continues the newest complete one)
-and, at the end, a consolidated Hugging Face checkpoint to OUT/final (see checkpoint.py).
+Prints the config, a progress bar, and every --log-every steps a line of metrics (also in OUT/log.jsonl, and
+with --tensorboard / --wandb in those; see logs.py). Writes sharded, resumable checkpoints to
+OUT/checkpoints/step_N (--resume continues the newest complete one, or starts if there is none) and, at the
+end, a consolidated Hugging Face checkpoint to OUT/final (checkpoint.py). SIGTERM or SIGINT (a preemption,
+Ctrl-C) finishes the step in flight, saves it, and exits with status 128 + the signal's number.
+
+Each optimizer step: every prompt with its K candidates (best first, as rescore.py ranked them) goes through the
+policy once; Eq. 3 gives each candidate's mean log-prob p_i; Eqs. 4-6 push better candidates above worse ones by
+a margin that grows with their rank distance, over the pairs whose rewards differ by more than --reward-gap;
+Eq. 7 adds the SFT term on the top candidate where its reward is positive (clha_loss.py).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
-import resource
+import signal
 import socket
 import statistics
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,62 +34,69 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import checkpoint
 import cli
 import data
-from cli import UserError, opt
-from clha_loss import clha_objective, sequence_logps
+import logs
+from clha_loss import clha_objective, response_logps
+from cli import opt
+from data import UserError
 
 MIN_RESPONSE_TOKENS = 16     # --max-len - --max-prompt-len: below this, candidates cut to a few tokens look alike
 
 
 @dataclass
 class Config:
-    model: str = opt("", "causal LM to fine-tune: HF path or hub id ('' runs the built-in demo)")
+    model: str = opt("", "causal LM to fine-tune: HF path or hub id (python train.py with no flags runs the demo)")
     tokenizer: str = opt("", "tokenizer path or hub id ('' = --model)")
     train: str = opt("", "training samples (data.py format, rescored by rescore.py)")
     dev: str = opt("", "validation samples ('' = no validation)")
     out: str = opt("runs/clha", "output folder: log.jsonl, checkpoints/, final/")
     loss: str = opt("clha", "clha (Eq. 7) | pro (Eq. 2 + SFT) | sft (the SFT term alone: 'w/o L_clha')",
-                    choices=["clha", "pro", "sft"])
+                        choices=["clha", "pro", "sft"])
     margin: float = opt(3.0, "margin of Eq. 6; 0 is the 'w/o xi_adjust' ablation", at_least=0)
     reward_gap: float = opt(3.0, "Eq. 5: pairs with |r_i - r_j| <= reward_gap are ignored ('none': keep all)",
-                            at_least=0, none=True)
+                                at_least=0, none=True)
     rescore: bool = opt(True, "rewards mask pairs and gate SFT; the data must be sorted by reward. --no-rescore, "
-                              "on data rescored with --keep-human-order, is the 'w/o Rescore' ablation")
+                                  "on data rescored with --keep-human-order, is the 'w/o Rescore' ablation")
     alpha: float = opt(None, "SFT weight of Eq. 7 (default 0.05 (K - 1)^2, Sec. 3.3)", at_least=0, none=True)
     reduction: str = opt("paper", "paper (Eq. 5 summed per prompt) | official (the authors' per-distance mean, "
-                                  "which reproduces their numbers)", choices=["paper", "official"])
+                                      "which reproduces their numbers)", choices=["paper", "official"])
     max_len: int = opt(512, "tokens per sequence (block size)", at_least=MIN_RESPONSE_TOKENS + 1)
     max_prompt_len: int = opt(384, "prompt tokens kept, cut from the left (special tokens included)", at_least=1)
+    share_prompt: bool = opt(True, "one row per prompt: its K candidates share one pass over it (the same "
+                                       "numbers, fewer FLOPs); --no-share-prompt: one row per candidate")
     epochs: int = opt(2, "passes over the training data", at_least=1)
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = all epochs)", at_least=0)
     lr: float = opt(5e-6, "AdamW learning rate, constant after warmup", above=0)
     warmup_steps: int = opt(0, "linear warmup steps (the authors use none)", at_least=0)
     weight_decay: float = opt(0.01, "AdamW weight decay (torch's default, as in the authors' AdamW(params, lr))",
-                              at_least=0)
+                                  at_least=0)
     clip: float = opt(1.0, "clip the global gradient norm to this", above=0)
     batch_size: int = opt(2, "prompts per device per micro-batch, each with all K candidates", at_least=1)
     global_batch: int = opt(128, "prompts per optimizer step = batch_size x world x accumulation", at_least=1)
     group_by_length: bool = opt(False, "batch prompts of similar length together (less padding)")
     dtype: str = opt("bfloat16", "compute dtype under FSDP mixed precision (master weights stay fp32)",
-                     choices=["bfloat16", "float32"])
+                         choices=["bfloat16", "float32"])
     activation_checkpointing: bool = opt(True, "recompute each decoder layer in backward to save memory")
     cpu_offload: bool = opt(False, "keep parameters, gradients and AdamW state in host memory (FSDP2 "
-                                   "CPUOffloadPolicy): LLaMA-7B on one GPU")
+                                       "CPUOffloadPolicy): LLaMA-7B on one GPU")
     compile: bool = opt(False, "torch.compile each decoder layer")
     export_dtype: str = opt("auto", "dtype of OUT/final: auto (the --model checkpoint's own) | float32 | "
-                                    "bfloat16 | float16", choices=["auto", "float32", "bfloat16", "float16"])
+                                        "bfloat16 | float16", choices=["auto", "float32", "bfloat16", "float16"])
     seed: int = opt(0, "data order and initialisation", at_least=0)
     log_every: int = opt(10, "optimizer steps between log lines", at_least=1)
     eval_every: int = opt(200, "optimizer steps between validations (and at the end)", at_least=1)
-    save_every: int = opt(500, "optimizer steps between checkpoints (and at the end)", at_least=1)
+    save_every: int = opt(500, "optimizer steps between checkpoints (and at the end, or on SIGTERM)", at_least=1)
     keep_checkpoints: int = opt(2, "sharded checkpoints kept on disk", at_least=1)
-    resume: bool = opt(False, "continue from the newest complete checkpoint in --out")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in --out (start if there is none)")
+    tensorboard: bool = opt(False, "also log to TensorBoard, in OUT/tensorboard (pip install tensorboard)")
+    wandb: str = opt("", "also log to this Weights & Biases project (pip install wandb; WANDB_MODE=offline)")
 
+
+# ---- distributed ----------------------------------------------------------------------------------------------
 
 def init_distributed(cpu_offload=False):
     """torchrun's environment -> (rank, world, device). A plain `python train.py` is a world of one."""
@@ -108,90 +125,43 @@ def init_distributed(cpu_offload=False):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def check_setup(cfg, world, log):
-    """Every mistake we can see before the model loads, each with the flag to change.
-    -> (train, dev, accumulation, tokenizer, model config, checkpoint to resume from or None)."""
-    if not cfg.train:
-        raise UserError("--train is required when --model is given (or drop every flag to run the demo)")
-    for flag, path in (("--train", cfg.train), ("--dev", cfg.dev)):
-        if path:
-            cli.input_file(path, flag)
-    if cfg.max_len - cfg.max_prompt_len < MIN_RESPONSE_TOKENS:
-        raise UserError(f"--max-len {cfg.max_len} with --max-prompt-len {cfg.max_prompt_len} leaves "
-                        f"{cfg.max_len - cfg.max_prompt_len} tokens for a response: give it {MIN_RESPONSE_TOKENS}")
-    if cfg.global_batch % (cfg.batch_size * world):
-        raise UserError(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} "
-                        f"x {world} processes: change one of them")
-    config = cli.from_pretrained(AutoConfig, cfg.model, "--model")
-    if cfg.max_len > getattr(config, "max_position_embeddings", cfg.max_len):
-        raise UserError(f"--max-len {cfg.max_len} is longer than the model's {config.max_position_embeddings} "
-                        "positions (max_position_embeddings)")
-    tokenizer = cli.from_pretrained(AutoTokenizer, cfg.tokenizer or cfg.model, "--tokenizer" if cfg.tokenizer
-                                    else "--model")
-    data.check_tokenizer(tokenizer, "--tokenizer" if cfg.tokenizer else "--model")
+# ---- the model: built without memory, sharded, then filled -----------------------------------------------------
 
-    train, dev = data.read_samples(cfg.train), data.read_samples(cfg.dev) if cfg.dev else []
-    K, needs_rewards = len(train[0]["responses"]), cfg.rescore and cfg.loss != "pro"
-    for path, samples in ((cfg.train, train), (cfg.dev, dev)):
-        for s in samples:
-            if len(s["responses"]) != K:
-                raise UserError(f"{path}: sample {s['id']} has {len(s['responses'])} responses, the first has {K}; "
-                                "every sample needs the same K (see data.add_responses)")
-            if needs_rewards and s["rewards"] is None:
-                raise UserError(f"{path}: sample {s['id']} has no rewards: run rescore.py on it first, "
-                                "or pass --no-rescore (the 'w/o Rescore' ablation)")
-            # Eq. 5's ranks are reward ranks: a file rescored with --keep-human-order would be trained the human way
-            if needs_rewards and cfg.loss == "clha" and any(a < b for a, b in zip(s["rewards"], s["rewards"][1:])):
-                raise UserError(f"{path}: sample {s['id']} is not sorted by reward, best first: rescore it without "
-                                "--keep-human-order, or pass --no-rescore")
-    if len(train) < cfg.global_batch:
-        raise UserError(f"--global-batch {cfg.global_batch} is larger than the {len(train)} training samples")
-    if needs_rewards:
-        check_rewards(cfg, train, log)
-    data.make_batch(tokenizer, train[:1], cfg.max_len, cfg.max_prompt_len)   # tokenizer and lengths work together
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build a model whose parameters take no memory (the meta device) while its buffers are computed for real
+    by each module's own __init__ (rotary inv_freq and the like). Those buffers are not in any checkpoint, and
+    transformers rebuilds them only for the modules its initialiser knows (even in from_pretrained)."""
+    register = torch.nn.Module.register_parameter
 
-    cli.output_dir(cfg.out, "--out")
-    if (checkpoint.step_dirs(cfg.out) or os.path.exists(os.path.join(cfg.out, "final"))) and not cfg.resume:
-        raise UserError(f"--out {cfg.out} already holds a run (checkpoints/ or final/): pass --resume, or choose "
-                        "another --out")
-    resume_from = checkpoint.find_resumable(cfg, log) if cfg.resume else None
-    if resume_from and 0 < cfg.max_steps < checkpoint.read_step(resume_from):
-        raise UserError(f"--max-steps {cfg.max_steps}: {resume_from} is already past it; resume with a larger one")
-    return train, dev, cfg.global_batch // (cfg.batch_size * world), tokenizer, config, resume_from
-
-
-def check_rewards(cfg, train, log):
-    """Eq. 5's threshold and Eq. 7's gate are in the reward model's units: say what they keep, refuse if nothing."""
-    if cfg.loss == "clha" and cfg.reward_gap is not None:
-        gaps = [abs(s["rewards"][i] - s["rewards"][j]) for s in train
-                for i in range(len(s["rewards"])) for j in range(i + 1, len(s["rewards"]))]
-        kept = sum(g > cfg.reward_gap for g in gaps) / len(gaps)
-        if kept == 0:
-            raise UserError(f"--reward-gap {cfg.reward_gap} keeps no pair of {cfg.train} (its largest reward gap is "
-                            f"{max(gaps):.3g}): the gap is in the reward model's units, 3.0 suits OpenAssistant's; "
-                            f"choose one below the median gap {statistics.median(gaps):.3g}")
-        log(f"Eq. 5 keeps {kept:.1%} of the training pairs (|r_i - r_j| > {cfg.reward_gap})"
-            + (": warning, very few; is --reward-gap in this reward model's units?" if kept < 0.05 else ""))
-    sft_on = sum(s["rewards"][s["sft_index"]] > 0 for s in train) / len(train)
-    log(f"Eq. 7's SFT term is on for {sft_on:.1%} of the prompts (SFT target reward > 0)"
-        + (": warning, this reward model's zero may not mean 'good'" if sft_on < 0.05 else ""))
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:          # a tied weight is already there: keep it the same object
+            param = torch.nn.Parameter(param.to("meta"), param.requires_grad)
+        register(module, name, param)
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def build_model(cfg, config, device, rank, weights=True):
-    """Meta-device model -> FSDP2 shards -> weights read once on rank 0 and broadcast into the shards
+    """Meta-device parameters -> FSDP2 shards -> weights read once on rank 0 and broadcast into the shards
     (weights=False: random init in the shards, for benchmarks)."""
     config.use_cache = False                                       # no KV cache in training
-    with torch.device("meta"):                                     # no memory yet, on any rank
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if cfg.share_prompt:
+        check_shared_layout(model.config, cfg.max_len)
+    buffers = dict(model.named_buffers())                          # real values, computed by the modules
     apply_fsdp(model, getattr(torch, cfg.dtype), cfg.activation_checkpointing, cfg.cpu_offload, cfg.compile)
     model.to_empty(device="cpu" if cfg.cpu_offload else device)    # allocate this rank's fp32 shards only
-    # Non-persistent buffers (LLaMA's rotary inv_freq) are not in the checkpoint and hold garbage after
-    # to_empty: recompute them with the model's own initialiser, on the device the forward runs on.
-    for module in model.modules():
-        if module._non_persistent_buffers_set or not weights:
-            model._init_weights(module)
-        module._buffers.update({k: module._buffers[k].to(device) for k in module._non_persistent_buffers_set})
+    for name, value in buffers.items():                            # to_empty left the buffers uninitialised
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = value.to(device)   # on the device the forward runs on
     if not weights:
+        for module in model.modules():
+            model._init_weights(module)
         return model
     # Rank 0 reads the checkpoint in its stored dtype (fp16/bf16 for LLaMA-7B: 13.5 GB of CPU RAM, on one
     # rank only); every rank receives its shards by broadcast and keeps them in fp32.
@@ -219,175 +189,249 @@ def apply_fsdp(model, param_dtype, activation_checkpointing, cpu_offload=False, 
     # CPU offload: the fp32 shards, their gradients and AdamW's state live in host memory; each layer's
     # weights are copied to the GPU for its forward and backward, and its gradients back.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
-    for layer in layers:
-        # reshard_after_forward=True frees each layer's gathered weights after its forward and gathers them
-        # again in backward: one more all-gather per layer, for memory that no longer grows with depth.
-        fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
+    for i, layer in enumerate(layers):
+        # A layer's gathered weights are freed after its forward and gathered again in backward: one more
+        # all-gather per layer, for memory that does not grow with depth. Not the last layer's: backward
+        # starts with it, so freeing it would only gather it again at once (torchtitan keeps it too).
+        fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=i < len(layers) - 1)
     # the root stays gathered after forward: backward needs the LM head first
     fully_shard(model, mp_policy=mp, offload_policy=offload)
 
 
-def policy_logps(model, batch, K):
-    """One forward over all B*K sequences (under FSDP every forward all-gathers every layer, so one pass per
-    candidate would cost K times the communication) -> mean and summed response log-probs [B, K] (Eq. 3)."""
-    ids, attention, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-    # The LM head only runs from the position that predicts the batch's earliest response token on.
-    start = int(response.float().argmax(dim=1).min()) - 1
-    logits = model(input_ids=ids, attention_mask=attention.long(), logits_to_keep=ids.shape[1] - start).logits
-    mean, total = sequence_logps(logits, ids[:, start:], response[:, start:])   # [B*K] each
-    return mean.view(-1, K), total.view(-1, K)
+def check_shared_layout(config, max_len, flag="--model"):
+    """The shared-prompt layout hands the attention a [B, 1, L, L] mask of its own: sdpa and eager take it (see
+    attention_mask); flash attention would ignore it, and a sliding window shorter than a sequence would not apply."""
+    impl, window = config._attn_implementation, getattr(config, "sliding_window", None)
+    if impl not in ("sdpa", "eager"):
+        raise UserError(f"{flag}: its attention ({impl}) cannot take the shared-prompt mask: pass --no-share-prompt")
+    if window and max_len > window:
+        raise UserError(f"{flag}: its sliding window ({window}) is shorter than --max-len {max_len}, which the shared-"
+                        "prompt mask would not apply: pass --no-share-prompt")
 
 
-def objective(cfg, model, batch, K, device):
+def attention_mask(model, mask):
+    """The batch's mask as the model's attention takes it. A [R, 1, L, L] one (the shared layout): sdpa reads True
+    as 'may attend'; eager adds the mask to its scores, so it gets 0 and a large negative number (True would add 1)."""
+    if mask.dim() == 4 and model.config._attn_implementation == "eager":
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
+
+
+# ---- the method ---------------------------------------------------------------------------------------------
+
+def policy_logps(model, batch):
+    """Eq. 3 for every candidate of a batch from data.make_batch, in either layout -> mean and summed response
+    log-probs [N], N = B * K prompt-major. Under FSDP every forward all-gathers every layer, so all candidates go
+    through one forward (one per candidate would cost K times the communication); the LM head runs only from the
+    first column whose logit predicts a response token."""
+    rows, cols = batch["predict"]                                  # [M] each: where each response token's logit is
+    first = int(cols.min())
+    logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask(model, batch["attention_mask"]),
+                   position_ids=batch["position_ids"], logits_to_keep=batch["input_ids"].shape[1] - first).logits
+    return response_logps(logits[rows, cols - first], batch["targets"], batch["lengths"])   # Eq. 3
+
+
+def objective(cfg, model, batch, device):
+    """Eq. 7 (or PRO, or the SFT term alone) on one micro-batch -> (loss, metrics)."""
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    logps, sum_logps = policy_logps(model, batch, K)
+    logps, sum_logps = (x.view(-1, batch["K"]) for x in policy_logps(model, batch))   # [B, K] each
     return clha_objective(logps, sum_logps, batch["rewards"], batch["sft_index"], loss=cfg.loss, alpha=cfg.alpha,
                           margin=cfg.margin, reward_gap=cfg.reward_gap if cfg.rescore else None,
                           sft_gate=cfg.rescore, reduction=cfg.reduction)
 
 
-class Meter:
-    """Sums metrics over micro-batches, each weighted by its prompts; `result` all-reduces the sums (one collective
-    for every rank) and divides. acc_kept is a mean over kept pairs, so it is weighted by the kept share too."""
-    names = ("loss", "loss_rank", "loss_sft", "pairs_kept", "sft_on", "acc", "acc_kept")
-
-    def __init__(self):
-        self.sums = 0
-
-    def add(self, m, tokens, prompts):
-        values = [m[k] * m["pairs_kept"] if k == "acc_kept" else m[k] for k in self.names]
-        row = torch.cat([torch.stack(values).cpu(), m["logp_rank"].cpu()]).float() * prompts
-        self.sums = self.sums + torch.cat([row, torch.tensor([float(tokens), prompts])])
-
-    def result(self, device):
-        sums, self.sums = self.sums.to(device), 0
-        dist.all_reduce(sums)                                      # summed across ranks, not gathered as lists
-        out = {k: (sums[i] / sums[-1]).item() for i, k in enumerate(self.names)}
-        out["acc_kept"] = (sums[6] / sums[3].clamp(min=1e-12)).item()
-        out["logp_rank"] = [round(v, 4) for v in (sums[7:-2] / sums[-1]).tolist()]
-        out["tokens"] = int(sums[-2])
-        return out
-
-
 @torch.no_grad()
-def validate(cfg, model, samples, tokenizer, K, rank, world, device):
+def validate(cfg, model, samples, tokenizer, rank, world, device):
     """Teacher-forced loss and pairwise accuracy on the dev samples (no generation under FSDP), a mean over prompts."""
     model.eval()
-    meter = Meter()
-    shard = samples[rank::world]
+    meter, shard = logs.Meter(), samples[rank::world]
     # every rank must run the same number of forwards (each one all-gathers): pad with repeats, weight 0
     for b in range(-(-len(samples[::world]) // cfg.batch_size)):
         chunk = shard[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        batch = data.make_batch(tokenizer, chunk or samples[:1], cfg.max_len, cfg.max_prompt_len)
-        _, metrics = objective(cfg, model, batch, K, device)
-        meter.add(metrics, 0, prompts=float(len(chunk)))
+        batch = data.make_batch(tokenizer, chunk or samples[:1], cfg.max_len, cfg.max_prompt_len, cfg.share_prompt)
+        meter.add(objective(cfg, model, batch, device)[1], tokens=0, prompts=len(chunk))
     model.train()
-    return meter.result(device)
+    meter.step(device)
+    return meter.result()
 
 
-def memory_gb(device):
-    """Peak memory so far: allocated and reserved by the caching allocator on a GPU, the process's RSS on a CPU."""
-    if device.type == "cuda":
-        return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30,
-                "reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
-    return {"peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
+# ---- the run ------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = cli.parse(Config, argv, __doc__.split("\n")[0])
-    if not cfg.model:                      # `python train.py`, no flags: the built-in demo (demo.py)
-        if cfg != Config():
-            raise UserError("--model is required (python train.py with no flags at all runs the demo)")
-        import demo
-        return demo.main([])
-
-    # setup: distributed, and every check that can fail before the model loads
+    if not cfg.model:
+        raise UserError("--model is required (python train.py with no flags at all runs the demo)")
     rank, world, device = init_distributed(cfg.cpu_offload)
-    log = print if rank == 0 else (lambda *_: None)
     try:
-        torch.manual_seed(cfg.seed)
-        train, dev, accumulation, tokenizer, config, resume_from = check_setup(cfg, world, log)
-        dist.barrier()                                    # every rank has read the checkpoints before rank 0
-        checkpoint.clean(cfg, resume_from, rank)          # deletes leftovers, and the damaged ones
-        dist.barrier()
+        cli.output_dir(cfg.out, "--out")
+        with checkpoint.lock(os.path.join(cfg.out, ".lock"), f"--out {cfg.out}"):   # one run per --out
+            train(cfg, rank, world, device, log=print if rank == 0 else (lambda *_: None))
+    finally:
+        dist.destroy_process_group()
 
-        # data: samples are tokenized per micro-batch; the order is a function of (seed, epoch) alone
-        K = len(train[0]["responses"])
-        lengths = [data.sample_length(s) for s in train]
-        steps_per_epoch = len(train) // cfg.global_batch
-        total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or steps_per_epoch * cfg.epochs)
-        log(json.dumps(dataclasses.asdict(cfg), indent=1))
-        log(f"{len(train)} prompts x K = {K}, {world} processes x {cfg.batch_size} prompts x {accumulation} "
-            f"accumulation = {cfg.global_batch} per step; {total_steps} steps; "
-            f"{len(train) % cfg.global_batch} prompts left out of each epoch")
 
-        # model, sharded before any weight exists (build_model -> apply_fsdp)
-        model = build_model(cfg, config, device, rank)
-        model.train()
+def train(cfg, rank, world, device, log):
+    # setup: every check that can fail before the model loads, and what a resume continues
+    torch.manual_seed(cfg.seed)
+    samples, dev, tokenizer, config, inputs = check_setup(cfg, world, log)
+    resume_from = checkpoint.find_resumable(cfg, inputs, log) if cfg.resume else None
+    if resume_from and 0 < cfg.max_steps < checkpoint.read_step(resume_from):
+        raise UserError(f"--max-steps {cfg.max_steps}: {resume_from} is already past it; resume with a larger one")
+    dist.barrier()                                    # every rank has read the checkpoints before rank 0 cleans up
+    checkpoint.clean(cfg, resume_from, rank)          # leftovers of a kill, and the damaged checkpoints
+    dist.barrier()
 
-        # optimizer over the fp32 shards; --resume restores model, optimizer, RNG and the data position
-        fused = device.type == "cuda" and not cfg.cpu_offload         # one kernel for all of AdamW's updates
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-        start = checkpoint.load(resume_from, model, optimizer, rank) if resume_from else 0
+    # data: samples are tokenized per micro-batch; the order is a function of (seed, epoch) alone
+    accumulation = cfg.global_batch // (cfg.batch_size * world)
+    lengths = [data.sample_length(s) for s in samples]
+    total = len(samples) // cfg.global_batch * cfg.epochs
+    total = min(total, cfg.max_steps or total)
+    log(json.dumps(dataclasses.asdict(cfg), indent=1))
+    log(f"{len(samples)} prompts x K = {len(samples[0]['responses'])}, {world} processes x {cfg.batch_size} prompts "
+        f"x {accumulation} accumulation = {cfg.global_batch} per step; {total} steps; "
+        f"{len(samples) % cfg.global_batch} prompts left out of each epoch")
 
-        # training loop
-        meter, log_file = Meter(), open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
-        bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train")
-        clock = time.perf_counter()
+    # model, sharded before any weight exists; the optimizer over the fp32 shards; a resume restores both
+    model = build_model(cfg, config, device, rank)
+    model.train()
+    fused = device.type == "cuda" and not cfg.cpu_offload          # one kernel for all of AdamW's updates
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    start = checkpoint.load(resume_from, model, optimizer, rank) if resume_from else 0
+
+    # training loop
+    meter, run_log = logs.Meter(), logs.RunLog(cfg, rank, total, start)
+    with Preemption() as preemption:
         for step, epoch, indices in data.iterate_steps(lengths, cfg.global_batch, cfg.seed, cfg.epochs, start,
                                                        cfg.group_by_length):
-            if step >= total_steps:                                    # --max-steps, or resumed at the end
+            if step >= total:                                          # --max-steps, or resumed at the end
                 break
+            clock = time.perf_counter()
             for micro in range(accumulation):
-                chunk = [train[i] for i in data.micro_batch(indices, cfg.batch_size, world, rank, micro)]
-                batch = data.make_batch(tokenizer, chunk, cfg.max_len, cfg.max_prompt_len)
-                loss, metrics = objective(cfg, model, batch, K, device)
-                # FSDP2 reduce-scatters (averages over ranks) after every backward, so the sharded fp32
-                # gradients accumulate here. Skipping that sync would keep a full unsharded gradient on
-                # every rank (13.5 GB in bf16 for 7B) to save one reduce-scatter per micro-batch.
+                chunk = [samples[i] for i in data.micro_batch(indices, cfg.batch_size, world, rank, micro)]
+                batch = data.make_batch(tokenizer, chunk, cfg.max_len, cfg.max_prompt_len, cfg.share_prompt)
+                loss, metrics = objective(cfg, model, batch, device)
+                # FSDP2 reduce-scatters (averages over ranks) after every backward, so the sharded fp32 gradients
+                # accumulate here. Skipping that sync would keep a whole unsharded gradient on every rank, in
+                # reduce_dtype (fp32: 27 GB for LLaMA-7B), to save one reduce-scatter per micro-batch.
                 (loss / accumulation).backward()
-                meter.add(metrics, batch["attention_mask"].sum(), prompts=float(len(chunk)))
+                meter.add(metrics, batch["tokens"], len(chunk))
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)   # global, across shards
             lr = cfg.lr * min(1.0, (step + 1) / (cfg.warmup_steps + 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            bar.update()
             done = step + 1
+            # the step's one all-reduce: its metrics, and whether any rank was told to stop (then all stop here)
+            stop = meter.step(device, time.perf_counter() - clock, preemption.signal)
 
             # logging, validation, checkpoints
-            if done % cfg.log_every == 0 or done == total_steps:
-                record = {"step": done, "epoch": epoch, **meter.result(device), "lr": lr,
-                          "grad_norm": grad_norm.full_tensor().item()}             # a DTensor under FSDP2
-                memory = torch.tensor(list(memory_gb(device).values()), device=device)
-                dist.all_reduce(memory, op=dist.ReduceOp.MAX)
-                elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-                record["tokens_per_s"] = round(record["tokens"] / elapsed)
-                record.update({k: round(v, 2) for k, v in zip(memory_gb(device), memory.tolist())})
-                write_log(record, bar, log_file)
-            if dev and (done % cfg.eval_every == 0 or done == total_steps):
-                result = validate(cfg, model, dev, tokenizer, K, rank, world, device)
-                write_log({"step": done, "split": "dev", **result}, bar, log_file)
-                clock = time.perf_counter()
-            if done % cfg.save_every == 0 or done == total_steps:
-                checkpoint.save(cfg, model, optimizer, done, rank, world)
-                clock = time.perf_counter()
-        bar.close()
+            if done % cfg.log_every == 0 or done == total or stop:
+                run_log.write(logs.train_record(done, epoch, meter, lr, grad_norm, device))
+            if dev and (done % cfg.eval_every == 0 or done == total):
+                run_log.write({"step": done, "split": "dev", **validate(cfg, model, dev, tokenizer, rank, world,
+                                                                         device)})
+            if done % cfg.save_every == 0 or done == total or stop:
+                checkpoint.save(cfg, model, optimizer, done, rank, world, inputs)
+            run_log.advance()
+            if stop:
+                run_log.close()
+                log(f"stopped by {signal.Signals(stop).name}: saved step {done}; rerun with --resume")
+                raise SystemExit(128 + stop)
+    run_log.close()
 
-        # teardown: one consolidated Hugging Face checkpoint
-        checkpoint.export_hf(cfg, model, tokenizer, rank)
-    finally:
-        dist.destroy_process_group()
+    # teardown: one consolidated Hugging Face checkpoint
+    checkpoint.export_hf(cfg, model, tokenizer, rank)
 
 
-def write_log(record, bar, log_file):
-    """Rank 0 (the one with a file): a line under the progress bar and a JSON line in OUT/log.jsonl."""
-    if log_file is not None:
-        bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+class Preemption:
+    """SIGTERM (what Slurm and Kubernetes send before SIGKILL) or SIGINT (Ctrl-C) during the loop: remember it, so
+    the loop finishes the step in flight, agrees with the other ranks, saves, and exits with 128 + its number."""
+
+    def __enter__(self):
+        self.signal, self.previous = 0, {}
+        if threading.current_thread() is threading.main_thread():      # the only thread that may set handlers
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.previous[s] = signal.signal(s, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.signal = self.signal or signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# ---- setup checks: every mistake we can see before the model loads ----------------------------------------------
+
+def check_setup(cfg, world, log):
+    """-> (train samples, dev samples, tokenizer, model config, fingerprints of --train and --dev)."""
+    if not cfg.train:
+        raise UserError("--train is required when --model is given (or drop every flag to run the demo)")
+    for flag, path in (("--train", cfg.train), ("--dev", cfg.dev)):
+        if path:
+            cli.input_file(path, flag)
+    if cfg.max_len - cfg.max_prompt_len < MIN_RESPONSE_TOKENS:
+        raise UserError(f"--max-len {cfg.max_len} with --max-prompt-len {cfg.max_prompt_len} leaves "
+                        f"{cfg.max_len - cfg.max_prompt_len} tokens for a response: give it {MIN_RESPONSE_TOKENS}")
+    if cfg.global_batch % (cfg.batch_size * world):
+        raise UserError(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} "
+                        f"x {world} processes: change one of them")
+    config = cli.from_pretrained(AutoConfig, cfg.model, "--model")
+    if cfg.max_len > getattr(config, "max_position_embeddings", cfg.max_len):
+        raise UserError(f"--max-len {cfg.max_len} is longer than the model's {config.max_position_embeddings} "
+                        "positions (max_position_embeddings)")
+    flag = "--tokenizer" if cfg.tokenizer else "--model"
+    tokenizer = cli.from_pretrained(AutoTokenizer, cfg.tokenizer or cfg.model, flag)
+    data.check_tokenizer(tokenizer, flag)
+    logs.check_loggers(cfg)                               # the optional libraries, before a long load
+    samples, dev = data.read_samples(cfg.train), data.read_samples(cfg.dev) if cfg.dev else []
+    check_samples(cfg, samples, dev, log)
+    data.make_batch(tokenizer, samples[:1], cfg.max_len, cfg.max_prompt_len)   # tokenizer and lengths work together
+    inputs = {"--train": checkpoint.fingerprint(cfg.train), "--dev": checkpoint.fingerprint(cfg.dev) if cfg.dev
+              else None}
+    if (checkpoint.step_dirs(cfg.out) or os.path.exists(os.path.join(cfg.out, "final"))) and not cfg.resume:
+        raise UserError(f"--out {cfg.out} already holds a run (checkpoints/ or final/): pass --resume, or choose "
+                        "another --out")
+    return samples, dev, tokenizer, config, inputs
+
+
+def check_samples(cfg, samples, dev, log):
+    """One K for every sample; rewards where the objective needs them, sorted best first (Eq. 5's ranks are reward
+    ranks); and Eq. 5's threshold and Eq. 7's gate, which are in the reward model's units: say what they keep."""
+    K, needs_rewards = len(samples[0]["responses"]), cfg.rescore and cfg.loss != "pro"
+    for path, part in ((cfg.train, samples), (cfg.dev, dev)):
+        for s in part:
+            if len(s["responses"]) != K:
+                raise UserError(f"{path}: sample {s['id']} has {len(s['responses'])} responses, the first has {K}; "
+                                "every sample needs the same K (see data.add_responses)")
+            if needs_rewards and s["rewards"] is None:
+                raise UserError(f"{path}: sample {s['id']} has no rewards: run rescore.py on it first, "
+                                "or pass --no-rescore (the 'w/o Rescore' ablation)")
+            if needs_rewards and cfg.loss == "clha" and any(a < b for a, b in zip(s["rewards"], s["rewards"][1:])):
+                raise UserError(f"{path}: sample {s['id']} is not sorted by reward, best first: rescore it without "
+                                "--keep-human-order, or pass --no-rescore")
+    if len(samples) < cfg.global_batch:
+        raise UserError(f"--global-batch {cfg.global_batch} is larger than the {len(samples)} training samples")
+    if not needs_rewards:
+        return
+    if cfg.loss == "clha" and cfg.reward_gap is not None:
+        gaps = [abs(r[i] - r[j]) for r in (s["rewards"] for s in samples) for i in range(K) for j in range(i + 1, K)]
+        kept = sum(g > cfg.reward_gap for g in gaps) / len(gaps)
+        if kept == 0:
+            raise UserError(f"--reward-gap {cfg.reward_gap} keeps no pair of {cfg.train} (its largest reward gap is "
+                            f"{max(gaps):.3g}): the gap is in the reward model's units, 3.0 suits OpenAssistant's; "
+                            f"choose one below the median gap {statistics.median(gaps):.3g}")
+        log(f"Eq. 5 keeps {kept:.1%} of the training pairs (|r_i - r_j| > {cfg.reward_gap})"
+            + (": warning, very few; is --reward-gap in this reward model's units?" if kept < 0.05 else ""))
+    sft_on = sum(s["rewards"][s["sft_index"]] > 0 for s in samples) / len(samples)
+    log(f"Eq. 7's SFT term is on for {sft_on:.1%} of the prompts (SFT target reward > 0)"
+        + (": warning, this reward model's zero may not mean 'good'" if sft_on < 0.05 else ""))
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 1:       # `python train.py`, no flags at all: the built-in demo is demo.py, run in our place
+        demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+        os.execv(sys.executable, [sys.executable, demo])
     cli.run(main)
