@@ -1,6 +1,7 @@
-"""Benchmarks: a CLHA step next to a bare causal-LM step (train.py's FSDP2 setup), generation, data bookkeeping.
+"""Benchmarks: a CLHA step in either batch layout next to a bare causal-LM step (train.py's FSDP2 setup), and more.
 
     python benchmark.py                        # CPU smoke test: llama-tiny (19.5M), random weights, no download
+    python benchmark.py --lengths SAMPLES --arch smollm2-135m    # the step on a sample file's own lengths
     python benchmark.py --suite                # one GPU, < 8 min: llama-1b steps, LLaMA-7B steps, generation
     python benchmark.py --arch llama-1b --max-len 512            # one configuration; or --model PATH for a checkpoint
     torchrun --nproc_per_node 8 benchmark.py --arch llama-7b --variant clha   # one variant on 8 GPUs
@@ -8,16 +9,20 @@
     python benchmark.py --padding SAMPLES --model TOKENIZER      # the padding share of train.py's batches
     python benchmark.py --bookkeeping 160800                     # rescore.py's bookkeeping at HH-RLHF's size
 
-A step benchmark prints one JSON line per variant (tokens/s per GPU, step time, MFU, peak allocated and reserved
-memory) and a Markdown table with the CLHA / bare ratios; each variant runs in a fresh process. The bare step is
-what plain SFT costs: next-token cross-entropy over every token of the same [B*K, T] batch, which here has no
-padding (B prompts x K candidates of T tokens). MFU = model FLOPs per token (6 N + 12 L d T, PaLM's count, N the
-matmul parameters, the LM head's counted only where it runs) x tokens/s over the GPU's dense bf16 peak
-(PEAK_TFLOPS, or --peak-tflops).
+A step benchmark runs three variants on the same prompts, each in a fresh process: `clha` (one row per prompt,
+train.py's default), `clha_rows` (one row per candidate, --no-share-prompt) and `lm`, what plain SFT costs:
+next-token cross-entropy over every token of the one-row-per-candidate batch. It prints one JSON line each
+(steps/s, tokens/s per GPU counted as the B*K sequences' tokens whatever the layout, step time, MFU, peak
+allocated and reserved memory) and a Markdown table with the ratios. Without --lengths the prompts are random
+tokens of T in all (B prompts x K candidates, no padding); with --lengths each step draws B prompts of the file,
+tokenized with --tokenizer (default: a SentencePiece tokenizer of 8,000 pieces trained on the file, as the demo
+makes its own). MFU = model FLOPs per token (6 N + 12 L d T, PaLM's count, N the matmul parameters, the LM head's
+counted only where it runs) x tokens/s over the GPU's dense bf16 peak (PEAK_TFLOPS, or --peak-tflops).
 """
 
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -31,13 +36,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 import cli
 import data
+import logs
 import train
-from cli import UserError, opt
+from cli import opt
+from data import UserError
 
 ARCHS = {   # random-weight LlamaConfigs, so that nothing needs a download
     "llama-tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
                        tie_word_embeddings=False),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,  # SmolLM2
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         rope_theta=100000.0, tie_word_embeddings=True),
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,   # Llama-3.2
                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
                      rope_theta=500000.0, tie_word_embeddings=True),
@@ -47,6 +57,7 @@ ARCHS = {   # random-weight LlamaConfigs, so that nothing needs a download
 }
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("H800", 989),   # dense bf16,
                ("A100", 312), ("A800", 312), ("L40S", 362)]                                          # first match
+VARIANTS = ("lm", "clha_rows", "clha")
 
 
 @dataclass
@@ -54,9 +65,11 @@ class Config:
     arch: str = opt("llama-tiny", "a random-weight architecture (no download): " + " | ".join(ARCHS),
                     choices=list(ARCHS))
     model: str = opt("", "a causal LM checkpoint instead of --arch (its weights are not loaded)")
+    lengths: str = opt("", "time the step on this sample file's prompts (data.py format)")
+    tokenizer: str = opt("", "--lengths: the tokenizer ('' = --model's, or one trained on the file)")
     batch_size: int = opt(2, "prompts per device", at_least=1)
-    k: int = opt(2, "candidates per prompt", at_least=2)
-    max_len: int = opt(256, "T, tokens per sequence", at_least=8)
+    k: int = opt(2, "candidates per prompt (random prompts)", at_least=2)
+    max_len: int = opt(256, "T, tokens per sequence (with --lengths: at most, as train.py's --max-len)", at_least=8)
     steps: int = opt(5, "timed optimizer steps", at_least=1)
     warmup: int = opt(2, "untimed steps first", at_least=1)
     dtype: str = opt("", "compute dtype ('' = bfloat16 on GPUs, float32 on CPUs, which run bf16 slowly)",
@@ -65,7 +78,7 @@ class Config:
     cpu_offload: bool = opt(False, "as train.py")
     compile: bool = opt(False, "as train.py")
     peak_tflops: float = opt(0.0, "the GPU's dense bf16 peak in TFLOP/s for MFU (0 = from PEAK_TFLOPS)", at_least=0)
-    variant: str = opt("", "run only this variant, in this process", choices=["", "clha", "lm"])
+    variant: str = opt("", "run only this variant, in this process", choices=["", *VARIANTS])
     suite: bool = opt(False, "the GPU suite: every configuration the README's GPU table reports")
     generate: bool = opt(False, "instead: greedy tokens/s of evaluate.py's generation loop")
     new_tokens: int = opt(128, "--generate: tokens per reply", at_least=1)
@@ -105,17 +118,31 @@ def peak_flops(device_name, override_tflops=0.0):
     return next((tflops * 1e12 for name, tflops in PEAK_TFLOPS if name in device_name), None)
 
 
-def full_batch(vocab_size, batch_size, K, max_len, seed):
+def full_batch(vocab_size, batch_size, K, max_len, seed, share_prompt=False):
     """B prompts x K candidates of exactly T tokens each: a prompt of random length shared by its candidates,
     then a response to the end. No padding, so tokens/s counts only real tokens and MFU is not diluted."""
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(4, vocab_size, (n,), generator=g).tolist()
     rows, samples = [], []
-    for b in range(batch_size):
+    for _ in range(batch_size):
         prompt = ids(int(torch.randint(max_len // 4, max_len // 2, (), generator=g)))
-        rows += [(prompt, [(ids(max_len - len(prompt)), 0)]) for _ in range(K)]
+        cands = [(ids(max_len - len(prompt)), 0) for _ in range(K)]
+        rows += [(prompt, cands)] if share_prompt else [(prompt, [c]) for c in cands]
         samples.append({"responses": [""] * K, "rewards": (torch.randn(K, generator=g) * 5).tolist(), "sft_index": 0})
-    return data.collate(rows, samples, pad_id=0, share_prompt=False)
+    return data.collate(rows, samples, pad_id=0, share_prompt=share_prompt)
+
+
+def step_batches(cfg, config, rank):
+    """The batches of every step (warmup included), the same prompts for every variant."""
+    share = cfg.variant == "clha"
+    if not cfg.lengths:
+        return [full_batch(config.vocab_size, cfg.batch_size, cfg.k, cfg.max_len, rank * 1000 + i, share)
+                for i in range(cfg.warmup + cfg.steps)]
+    samples, tokenizer = data.read_samples(cfg.lengths), AutoTokenizer.from_pretrained(cfg.tokenizer)
+    samples = [dict(s, rewards=[4.0 * (len(s["responses"]) - k) for k in range(len(s["responses"]))]) for s in samples]
+    draw = random.Random(rank)                                     # rewards 4 apart, best first: every pair kept
+    return [data.make_batch(tokenizer, draw.sample(samples, cfg.batch_size), cfg.max_len, cfg.max_len * 3 // 4, share)
+            for _ in range(cfg.warmup + cfg.steps)]
 
 
 class PeakRSS:
@@ -137,9 +164,9 @@ class PeakRSS:
 
 
 def bare_lm_loss(model, batch, device):
-    """Plain next-token cross-entropy over every token: the baseline a CLHA step is compared with."""
-    ids = batch["input_ids"].to(device)
-    return model(input_ids=ids, labels=ids).loss
+    """Plain next-token cross-entropy over every real token: the baseline a CLHA step is compared with."""
+    ids, real = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    return model(input_ids=ids, attention_mask=real, labels=ids.masked_fill(~real, -100)).loss
 
 
 def run_variant(cfg):
@@ -149,13 +176,11 @@ def run_variant(cfg):
         config = model_config(cfg)
         dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         tcfg = train.Config(model=cfg.model, dtype=dtype, activation_checkpointing=cfg.activation_checkpointing,
-                            cpu_offload=cfg.cpu_offload, compile=cfg.compile)
+                            cpu_offload=cfg.cpu_offload, compile=cfg.compile, share_prompt=cfg.variant == "clha")
         model = train.build_model(tcfg, config, device, rank, weights=False)     # random weights, in the shards
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda" and not cfg.cpu_offload)
-        batches = [full_batch(config.vocab_size, cfg.batch_size, cfg.k, cfg.max_len, seed=rank * 1000 + i)
-                   for i in range(cfg.warmup + cfg.steps)]
-        rss = PeakRSS()
+        batches, rss = step_batches(cfg, config, rank), PeakRSS()
         for i, batch in enumerate(batches):
             if i == cfg.warmup:                                        # the clock starts after the warmup steps
                 if device.type == "cuda":
@@ -165,10 +190,8 @@ def run_variant(cfg):
                     rss.start()
                 dist.barrier()
                 start = time.perf_counter()
-            if cfg.variant == "clha":
-                loss, _ = train.objective(tcfg, model, batch, device)
-            else:
-                loss = bare_lm_loss(model, batch, device)
+            loss = bare_lm_loss(model, batch, device) if cfg.variant == "lm" else train.objective(tcfg, model, batch,
+                                                                                                  device)[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -177,23 +200,24 @@ def run_variant(cfg):
             torch.cuda.synchronize()
         dist.barrier()
         step_s = (time.perf_counter() - start) / cfg.steps
-        memory = train.memory_gb(device) if device.type == "cuda" else {"peak_mem_gb": rss.stop_gb()}
+        memory = logs.peak_memory(device) if device.type == "cuda" else {"peak_mem_gb": rss.stop_gb()}
         peak = torch.tensor(list(memory.values()), device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        tokens_per_s = cfg.batch_size * cfg.k * cfg.max_len / step_s                  # per GPU
-        # the positions the CLHA step's LM head runs on, as train.policy_logps cuts them
-        starts = [int(b["predict"][1].min()) for b in batches[cfg.warmup:]]
-        head_share = 1.0 if cfg.variant == "lm" else sum(1 - s / cfg.max_len for s in starts) / len(starts)
-        flops = flops_per_token(config, cfg.max_len, head_share)
+        timed = batches[cfg.warmup:]
+        tokens_per_s = sum(b["tokens"] for b in timed) / len(timed) / step_s           # per GPU, as B*K rows
+        # the positions the LM head runs on, as train.policy_logps cuts them (random prompts only)
+        head_share = 1.0 if cfg.variant == "lm" else sum(
+            1 - int(b["predict"][1].min()) / b["input_ids"].shape[1] for b in timed) / len(timed)
         peak_device = peak_flops(name, cfg.peak_tflops)
+        mfu = flops_per_token(config, cfg.max_len, head_share) * tokens_per_s / peak_device \
+            if peak_device and not cfg.lengths else None
         result = {"variant": cfg.variant, "arch": cfg.model or cfg.arch, "params": matmul_params(config)[0],
-                  "world": world, "device": name, "dtype": tcfg.dtype, "B": cfg.batch_size, "K": cfg.k,
-                  "T": cfg.max_len, "activation_checkpointing": cfg.activation_checkpointing,
+                  "world": world, "device": name, "dtype": tcfg.dtype, "B": cfg.batch_size, "K": timed[0]["K"],
+                  "T": "file" if cfg.lengths else cfg.max_len, "activation_checkpointing": cfg.activation_checkpointing,
                   "cpu_offload": cfg.cpu_offload, "compile": cfg.compile, "step_s": round(step_s, 4),
-                  "tokens_per_s_per_gpu": round(tokens_per_s, 1), "head_share": round(head_share, 3),
-                  "mfu": round(flops * tokens_per_s / peak_device, 4) if peak_device else None,
-                  **{k: round(v, 2) for k, v in zip(memory, peak.tolist())}}
+                  "steps_per_s": round(1 / step_s, 4), "tokens_per_s_per_gpu": round(tokens_per_s, 1),
+                  "mfu": round(mfu, 4) if mfu else None, **{k: round(v, 2) for k, v in zip(memory, peak.tolist())}}
         if rank == 0:
             print("RESULT " + json.dumps(result), flush=True)
     finally:
@@ -211,30 +235,44 @@ def run_in_subprocess(argv):
 
 
 def table(results):
-    """Markdown: one row per result, then CLHA / bare for each pair of results that differ only in variant."""
-    lines = ["| arch | variant | setting | tokens/s per GPU | step (s) | MFU | peak memory (GB) | reserved (GB) |",
-             "|---|---|---|---|---|---|---|---|"]
-    setting = lambda r: ", ".join(["AC" if r["activation_checkpointing"] else "no AC"] +
-                                  ["CPU offload"] * r["cpu_offload"] + ["compile"] * r["compile"])
+    """Markdown: one row per result, then the ratios of each variant to the others of the same setting."""
+    lines = ["| arch | variant | setting | steps/s | tokens/s per GPU | step (s) | MFU | peak memory (GB) | reserved (GB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    setting = lambda r: ", ".join(["AC" if r["activation_checkpointing"] else "no AC"] + ["CPU offload"] *
+                                  r["cpu_offload"] + ["compile"] * r["compile"]) + f", B {r['B']} x K {r['K']} x T {r['T']}"
     for r in results:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
         reserved = f"{r['reserved_gb']:.2f}" if "reserved_gb" in r else "n/a"      # a CPU's is its RSS
-        lines.append(f"| {r['arch']} | {r['variant']} | {setting(r)}, B {r['B']} x K {r['K']} x T {r['T']} | "
-                     f"{r['tokens_per_s_per_gpu']:.0f} | {r['step_s']:.3f} | {mfu} | {r['peak_mem_gb']:.2f} | "
-                     f"{reserved} |")
-    same = ("arch", "B", "K", "T", "activation_checkpointing", "cpu_offload", "compile")
-    for lm in (r for r in results if r["variant"] == "lm"):
-        for clha in (r for r in results if r["variant"] == "clha"):
-            if all(clha[k] == lm[k] for k in same):
-                lines.append(f"| {lm['arch']} | CLHA / bare | {setting(lm)} | "
-                             f"{clha['tokens_per_s_per_gpu'] / lm['tokens_per_s_per_gpu']:.2f}x | | | "
-                             f"{clha['peak_mem_gb'] / lm['peak_mem_gb']:.2f}x | |")
+        lines.append(f"| {r['arch']} | {r['variant']} | {setting(r)} | {r['steps_per_s']:.3f} | "
+                     f"{r['tokens_per_s_per_gpu']:.0f} | {r['step_s']:.3f} | {mfu} | {r['peak_mem_gb']:.2f} | {reserved} |")
+    same = lambda a, b: (a["arch"], setting(a)) == (b["arch"], setting(b))
+    for a, b in (("clha", "clha_rows"), ("clha", "lm"), ("clha_rows", "lm")):
+        for x in (r for r in results if r["variant"] == a):
+            for y in (r for r in results if r["variant"] == b and same(x, r)):
+                lines.append(f"| {x['arch']} | {a} / {b} | {setting(x)} | {x['steps_per_s'] / y['steps_per_s']:.2f}x | "
+                             f"| | | {x['peak_mem_gb'] / y['peak_mem_gb']:.2f}x | |")
     return "\n".join(lines)
 
 
 def environment():
     cuda = f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no CUDA"
     return f"torch {torch.__version__}, {cuda}, {time.strftime('%Y-%m-%d')}"
+
+
+def steps(cfg, argv):
+    """The three variants, each in a fresh process; --lengths first settles the tokenizer, once for all three."""
+    with tempfile.TemporaryDirectory() as folder:
+        if cfg.lengths and not (cfg.tokenizer or cfg.model):
+            import demo                                            # the demo's way: SentencePiece, trained offline
+            samples = data.read_samples(cfg.lengths)
+            demo.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]], folder, 8000)
+            argv = argv + ["--tokenizer", folder]
+        elif cfg.lengths and not cfg.tokenizer:
+            argv = argv + ["--tokenizer", cfg.model]
+        results = [run_in_subprocess(argv + ["--variant", variant]) for variant in VARIANTS]
+    print(environment())
+    print(table(results))
+    return results
 
 
 @torch.inference_mode()
@@ -253,12 +291,10 @@ def generation_speed(cfg):
     for batch_size in (8, 32) if device.type == "cuda" else (cfg.batch_size,):
         ids = torch.randint(4, model.config.vocab_size, (batch_size, 384))
         evaluate.greedy(model, ids[:, :16], torch.ones_like(ids[:, :16]), 4, pad=0)   # warm up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        torch.cuda.synchronize() if device.type == "cuda" else None
         start = time.perf_counter()
         new = evaluate.greedy(model, ids, torch.ones_like(ids), cfg.new_tokens, pad=0)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        torch.cuda.synchronize() if device.type == "cuda" else None
         seconds = time.perf_counter() - start
         print("RESULT " + json.dumps({"generate": cfg.model or cfg.arch, "device": name, "dtype": str(dtype)[6:],
                                       "batch": batch_size, "prompt": 384, "new_tokens": new.shape[1],
@@ -307,7 +343,7 @@ def suite(cfg):
     paper = ["--arch", "llama-1b", "--batch-size", "2", "--k", "2", "--max-len", "512", "--steps", "10"]
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
     host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    rows = [paper + ["--variant", v] + ac for ac in ([], ["--no-activation-checkpointing"]) for v in ("lm", "clha")]
+    rows = [paper + ["--variant", v] + ac for ac in ([], ["--no-activation-checkpointing"]) for v in VARIANTS]
     rows.append(paper + ["--variant", "clha", "--compile"])
     seven_b = ["--arch", "llama-7b", "--batch-size", "2", "--k", "2", "--max-len", "512", "--steps", "3",
                "--variant", "clha"]
@@ -324,18 +360,29 @@ def suite(cfg):
             results.append(run_in_subprocess(row + ([f"--peak-tflops={cfg.peak_tflops}"] if cfg.peak_tflops else [])))
         except RuntimeError as e:                                  # out of memory, say: report it, keep going
             print(f"FAILED: {e}", flush=True)
-    steps = [r for r in results if "variant" in r]
-    print(table(steps))
+    print(table([r for r in results if "variant" in r]))
     for r in results:
         if "generate" in r:
             print(f"generation, {r['generate']}, batch {r['batch']}: {r['new_tokens_per_s']:.0f} new tokens/s")
 
 
+def padding_share(samples, tokenizer, batch_size, group_by_length, max_len=512, max_prompt_len=384, seed=0):
+    """Share of the tokens in one epoch of train.py's one-row-per-candidate batches that are padding."""
+    lengths = [data.sample_length(s) for s in samples]                 # what train.py groups by
+    padded = real = 0
+    for step in data.step_batches(lengths, batch_size, seed, 0, group_by_length):
+        batch = data.make_batch(tokenizer, [samples[i] for i in step], max_len, max_prompt_len)
+        padded, real = padded + batch["input_ids"].numel(), real + batch["tokens"]
+    return 1 - real / padded
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = cli.parse(Config, argv, __doc__.split("\n")[0])
+    for flag, path in (("--lengths", cfg.lengths), ("--padding", cfg.padding)):
+        if path:
+            cli.input_file(path, flag)
     if cfg.padding:
-        cli.input_file(cfg.padding, "--padding")
         samples = data.read_samples(cfg.padding)
         tokenizer = cli.from_pretrained(AutoTokenizer, cfg.model, "--model")
         data.check_tokenizer(tokenizer, "--model")
@@ -349,22 +396,7 @@ def main(argv=None):
         return generation_speed(cfg)
     if cfg.suite:
         return suite(cfg)
-    if cfg.variant:
-        return run_variant(cfg)
-    results = [run_in_subprocess(argv + ["--variant", variant]) for variant in ("lm", "clha")]
-    print(environment())
-    print(table(results))
-    return results
-
-
-def padding_share(samples, tokenizer, batch_size, group_by_length, max_len=512, max_prompt_len=384, seed=0):
-    """Share of the tokens in one epoch of train.py's [B*K, T] batches that are padding."""
-    lengths = [data.sample_length(s) for s in samples]                 # what train.py groups by
-    padded = real = 0
-    for step in data.step_batches(lengths, batch_size, seed, 0, group_by_length):
-        batch = data.make_batch(tokenizer, [samples[i] for i in step], max_len, max_prompt_len)
-        padded, real = padded + batch["input_ids"].numel(), real + batch["tokens"]
-    return 1 - real / padded
+    return run_variant(cfg) if cfg.variant else steps(cfg, argv)
 
 
 if __name__ == "__main__":

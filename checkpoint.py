@@ -40,9 +40,10 @@ from data import UserError
 # train.py flags a resumed run may change: where and how often it reports, how the same global batch is split,
 # and how the same arithmetic is laid out. Any other change would alter the data order or the objective.
 # (--batch-size may change only under --reduction paper: "official" averages within each micro-batch.)
+# --train and --dev are compared by their contents (a moved file is the same file).
 FREE_ON_RESUME = {"resume", "out", "max_steps", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                  "train", "dev", "activation_checkpointing", "cpu_offload", "compile", "export_dtype",
-                  "share_prompt", "tensorboard", "wandb"}
+                  "activation_checkpointing", "cpu_offload", "compile", "export_dtype", "share_prompt",
+                  "tensorboard", "wandb"}
 
 
 # ---- one run per output ---------------------------------------------------------------------------------
@@ -51,7 +52,7 @@ FREE_ON_RESUME = {"resume", "out", "max_steps", "log_every", "eval_every", "save
 def ranks():
     """(rank, world) of this process; under torchrun with a gloo group for the barriers of rescore.py and
     evaluate.py (CPU collectives serve GPUs too), whose timeout lets a rank wait hours for the slowest."""
-    own = "RANK" in os.environ and not dist.is_initialized()
+    own = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
     if own:
         dist.init_process_group("gloo", timeout=timedelta(hours=48))
     try:
@@ -67,7 +68,7 @@ def barrier():
 
 
 @contextlib.contextmanager
-def lock(path, flag):
+def lock(path, flag, out):
     """Hold the lock file `path` for the whole run, on rank 0, telling every rank whether it could; a second run
     gets one line naming the output, before it reads or writes anything. The kernel releases a flock when its
     process dies, so a killed run leaves no stale lock."""
@@ -78,10 +79,10 @@ def lock(path, flag):
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                error = f"{flag}: another run is writing it now (it holds {path}); wait for it, or choose another {flag}"
+                error = f"{flag} {out}: another run is writing it now (it holds {path}); wait for it, or choose another {flag}"
                 break
             except OSError as e:
-                error = f"{flag}: cannot create the lock file {path} ({e.strerror})"
+                error = f"{flag} {out}: cannot create the lock file {path} ({e.strerror})"
                 break
             if not os.path.exists(path) or os.stat(path).st_ino != os.fstat(fd).st_ino:
                 os.close(fd)                 # the run before us removed it after we opened it: take the new one
@@ -303,9 +304,9 @@ def save(cfg, model, optimizer, step, rank, world, inputs):
         torch.save(torch.get_rng_state(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
     except (OSError, CheckpointException) as e:
         failures = [x[0] for x in e.failures.values()] if isinstance(e, CheckpointException) else [e]
-        if not all(isinstance(x, OSError) for x in failures):
+        problem = refused_write(failures[0])
+        if not all(refused_write(x) for x in failures):
             raise
-        problem = failures[0].strerror
     problems = [None] * world
     dist.all_gather_object(problems, problem)
     if any(problems):
@@ -320,6 +321,16 @@ def save(cfg, model, optimizer, step, rank, world, inputs):
         for old in step_dirs(cfg.out)[:-cfg.keep_checkpoints]:
             shutil.rmtree(old)
     dist.barrier()
+
+
+def refused_write(e):
+    """What the filesystem said when it refused a write (a full disk, a quota, a folder turned read-only), or None
+    for any other error. torch's own zip writer reports a short write as a RuntimeError about the file position."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    if isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "PytorchStreamWriter failed" in str(e)):
+        return "the file could not be written in full"
+    return None
 
 
 def load(path, model, optimizer, rank):

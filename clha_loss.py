@@ -34,7 +34,7 @@ def sequence_logps(logits, input_ids, response_mask):
 
     logits [N, T, V] from the model for input_ids [N, T]; response_mask [N, T] bool, True at response tokens.
     Token t is predicted by logits[:, t - 1], so the first position can never be a response token.
-    Returns (mean_logps [N], sum_logps [N]) in float32 whatever the dtype of the logits.
+    Returns (mean_logps [N], sum_logps [N]) in float32 (float64 for float64 logits) whatever the dtype of the logits.
     """
     if logits.shape[:2] != input_ids.shape or input_ids.shape != response_mask.shape:
         raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
@@ -54,7 +54,7 @@ def response_logps(scores, targets, lengths):
 
     scores [M, V]: the logits that predict targets [M], the response tokens of N sequences one sequence after
     the other; lengths [N]: how many of them each sequence has (|y_i|, summing to M).
-    Returns (mean_logps [N], sum_logps [N]) in float32.
+    Returns (mean_logps [N], sum_logps [N]) in float32, or float64 for float64 scores.
 
     Memory: the one large tensor autograd saves is the float32 [M, V] copy of `scores` (gather and logsumexp
     share it); the token log-prob is the target's logit minus logsumexp, so no [M, V] log_softmax is kept.
@@ -64,7 +64,7 @@ def response_logps(scores, targets, lengths):
     empty = (lengths == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"sequences {empty} have no response tokens; Eq. 3 divides by |y_i|, which would be 0")
-    scores = scores.float()
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))   # bf16 logits: their log-probs in fp32
     token_logps = scores.gather(1, targets[:, None]).squeeze(1) - scores.logsumexp(dim=1)   # [M] Eq. (3) log P
     slots = torch.arange(int(lengths.max()), device=lengths.device) < lengths[:, None]    # [N, max |y|]
     sum_logps = token_logps.new_zeros(slots.shape).masked_scatter(slots, token_logps).sum(dim=1)  # [N] Eq. (3) sum

@@ -6,7 +6,11 @@
     bpe_unused_bos  byte-level BPE with a bos_token that the tokenizer never adds (SmolLM2)
 """
 
+import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -133,3 +137,54 @@ def pairwise_accuracy(model, tokenizer, samples, batch_size=4, max_len=512, max_
     pairs = sum(len(s["responses"]) * (len(s["responses"]) - 1) // 2 for s in samples)
     return sum(evaluate.pair_counts(model, tokenizer, samples, batch_size, max_len, max_prompt_len,
                                     share_prompt)) / pairs
+
+
+# ---- train.py under torchrun ------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def torchrun(nproc, args, env=None, **popen):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               os.path.join(ROOT, "train.py"), *args]
+    if popen:
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def kill_everything(torchrun_pid):
+    """SIGKILL torchrun and its workers, as a node failure would: each worker leads a session of its own."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if parent == torchrun_pid:
+            os.killpg(int(pid), signal.SIGKILL)
+    os.killpg(torchrun_pid, signal.SIGKILL)
+
+
+def losses(out):
+    """step -> loss from log.jsonl; a resumed run must not have logged a step twice."""
+    with open(os.path.join(out, "log.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "split" not in r]
+    assert len({r["step"] for r in steps}) == len(steps), [r["step"] for r in steps]
+    return {r["step"]: r["loss"] for r in steps}
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "run"
+    torchrun(2, train_args(tiny, out, "--max-steps", "9", "--dtype", "float32"))
+    return out
+
+
+def master_weights(out, step):
+    """The fp32 weights of a sharded checkpoint, consolidated without a process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(str(out / "checkpoints" / f"step_{step:07d}"), str(out / "weights.pt"))
+    return torch.load(str(out / "weights.pt"))["model"]

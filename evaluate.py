@@ -182,8 +182,9 @@ def read_test_files(paths, check=None):
 
 
 def content(sample):
-    """What a record was made from: a sample's SHA-256 (prompt, responses, subset), so a changed one is redone."""
-    return hashlib.sha256(json.dumps(sample, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    """What a record was made from, the SHA-256 of the sample's prompt, responses and subset: a changed one is redone."""
+    used = [sample["prompt"], sample["responses"], sample["subset"]]
+    return hashlib.sha256(json.dumps(used, ensure_ascii=False).encode()).hexdigest()
 
 
 def run_share(todo, cfg, part, progress):
@@ -220,7 +221,7 @@ def evaluate(cfg, progress=False):
     parts = os.path.join(cfg.out, "parts")
     cli.output_dir(cfg.out, "--out")
     os.makedirs(parts, exist_ok=True)
-    with checkpoint.ranks() as (rank, world), checkpoint.lock(os.path.join(cfg.out, ".lock"), f"--out {cfg.out}"):
+    with checkpoint.ranks() as (rank, world), checkpoint.lock(os.path.join(cfg.out, ".lock"), "--out", cfg.out):
         # the data, each prompt checked against the reward model's input format before anything loads
         format_fn = rescore.reward_format(cfg.reward_model)[2]
         samples = read_test_files(cfg.data, check=lambda s: format_fn(s["prompt"], s["responses"][0]))

@@ -136,7 +136,10 @@ class RunLog:
     def advance(self):
         self.bar.update()
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):             # also on an error: the bar ends its line before the error's line
         self.bar.close()
         if self.on:
             self.file.close()
@@ -164,13 +167,13 @@ def plot(runs, out, names=None):
     for n, run in enumerate(runs):
         records, name = read_log(run), (names or runs)[n]
         steps, colour = [r["step"] for r in records], f"C{n}"
-        for ax, signal in zip(axes.flat, SIGNALS):
-            if signal == "logp_rank":
+        for ax, key in zip(axes.flat, SIGNALS):
+            if key == "logp_rank":
                 for k, line in enumerate(zip(*[r["logp_rank"] for r in records])):
                     ax.plot(steps, line, colour, linestyle="-" if k == 0 else "--", label=f"{name}, rank {k}")
             else:
-                ax.plot(steps, [r[signal] for r in records], colour, label=name)
-            ax.set_title(signal)
+                ax.plot(steps, [r[key] for r in records], colour, label=name)
+            ax.set_title(key)
             ax.set_xlabel("optimizer step")
     axes.flat[-2].legend(fontsize=7)
     axes.flat[-1].axis("off")

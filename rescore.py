@@ -201,7 +201,7 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
     cli.output_dir(os.path.dirname(os.path.abspath(out)), "--out")
     if score_fn is None:
         cli.checkpoint_dir(reward_model, "--reward-model")
-    with checkpoint.ranks() as (rank, world), checkpoint.lock(out + ".lock", f"--out {out}"):
+    with checkpoint.ranks() as (rank, world), checkpoint.lock(out + ".lock", "--out", out):
         # the data, each prompt checked against the reward model's input format before its weights load
         format_fn = reward_format(reward_model)[2] if score_fn is None else lambda prompt, response: ""
         samples = data.read_samples(data_path, check=lambda s: [format_fn(s["prompt"], r) for r in s["responses"]])

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ import demo
 import evaluate
 import rescore
 import train
-from conftest import generate, pairwise_accuracy, train_args
+from conftest import ROOT, generate, kill_everything, losses, master_weights, pairwise_accuracy, torchrun, train_args
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,59 +372,11 @@ def test_sampling_ranks_resume_and_seed():
 # ---------------------------------------------------------------------------------------------------------
 
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def torchrun(nproc, args, env=None, **popen):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               os.path.join(ROOT, "train.py"), *args]
-    if popen:
-        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
-def kill_everything(torchrun_pid):
-    """SIGKILL torchrun and its workers, as a node failure would: each worker leads a session of its own."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if parent == torchrun_pid:
-            os.killpg(int(pid), signal.SIGKILL)
-    os.killpg(torchrun_pid, signal.SIGKILL)
-
-
-def losses(out):
-    """step -> loss from log.jsonl; a resumed run must not have logged a step twice."""
-    with open(os.path.join(out, "log.jsonl")) as f:
-        steps = [r for r in map(json.loads, f) if "split" not in r]
-    assert len({r["step"] for r in steps}) == len(steps), [r["step"] for r in steps]
-    return {r["step"]: r["loss"] for r in steps}
-
-
-@pytest.fixture(scope="session")
-def two_rank_run(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("two") / "run"
-    torchrun(2, train_args(tiny, out, "--max-steps", "9", "--dtype", "float32"))
-    return out
-
-
-def master_weights(out, step):
-    """The fp32 weights of a sharded checkpoint, consolidated without a process group."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    dcp_to_torch_save(str(out / "checkpoints" / f"step_{step:07d}"), str(out / "weights.pt"))
-    return torch.load(str(out / "weights.pt"))["model"]
-
-
 def test_two_processes_match_one(tiny, two_rank_run, tmp_path):
-    # 2 ranks x 2 prompts x 2 accumulation steps == 1 rank x 2 prompts x 4: the same global batch of 8.
-    # fp32 compute, so that the only differences are the order of floating-point sums across ranks.
-    torchrun(1, train_args(tiny, tmp_path / "one", "--max-steps", "9", "--dtype", "float32"))
+    # 2 ranks x 2 prompts x 2 accumulation steps == 1 rank x 2 prompts x 4: the same global batch of 8. The one
+    # rank has one row per candidate, the two ranks one row per prompt (the default): the same numbers.
+    # fp32 compute, so that the only differences are the order of floating-point sums.
+    torchrun(1, train_args(tiny, tmp_path / "one", "--max-steps", "9", "--dtype", "float32", "--no-share-prompt"))
     one, two = losses(tmp_path / "one"), losses(two_rank_run)
     assert list(one) == list(range(1, 10))
     assert [one[s] for s in one] == pytest.approx([two[s] for s in one], rel=1e-5)
@@ -1172,3 +1123,134 @@ def test_quick_start_demo(tmp_path, capsys):
     # a second run reuses every stage's output and only prints the table
     assert demo.main(args) == rows
     assert "==== 4." not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reader's edition: one-way imports, pieces that copy alone, nothing resting on a library's internals
+# ---------------------------------------------------------------------------------------------------------
+
+def our_imports(path):
+    """The modules of this project that a file imports, at any depth of its code (a lazy import counts)."""
+    import ast
+    ours = {os.path.basename(p)[:-3] for p in os.listdir(ROOT) if p.endswith(".py")}
+    found = set()
+    for node in ast.walk(ast.parse(open(os.path.join(ROOT, path)).read())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+    return found & ours - {path[:-3]}
+
+
+def test_the_import_graph_has_no_circle():
+    files = [p for p in os.listdir(ROOT) if p.endswith(".py") and not p.startswith("test_") and p != "conftest.py"]
+    graph = {f[:-3]: our_imports(f) for f in files}
+    assert graph["clha_loss"] == set() and graph["data"] == set()            # the pieces that copy alone
+    assert "demo" not in graph["train"]                                      # python train.py execs demo.py
+    done, visiting = set(), []
+
+    def visit(module):
+        assert module not in visiting, " -> ".join(visiting + [module])
+        if module not in done:
+            visiting.append(module)
+            for imported in graph[module]:
+                visit(imported)
+            visiting.pop()
+            done.add(module)
+    for module in graph:
+        visit(module)
+
+
+def test_clha_loss_and_data_copy_alone(tokenizer, tmp_path):
+    """The two files in an empty folder, with torch and a tokenizer from transformers: a batch in either layout
+    and the objective from it, the same numbers both ways."""
+    for name in ("clha_loss.py", "data.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    script = """
+import torch, data, clha_loss
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained("tok")
+s = {"id": "a", "prompt": "\\n\\nHuman: How do I make tea?\\n\\nAssistant:", "responses": ["Boil water.", "No."],
+     "rewards": [5.0, 1.0], "sft_index": 0}
+torch.manual_seed(0)
+embed, head = torch.nn.Embedding(len(tok), 16), torch.nn.Linear(16, len(tok))
+out = []
+for share in (False, True):
+    batch = data.make_batch(tok, [s], 64, 32, share_prompt=share)
+    logits = head(embed(batch["input_ids"]))           # a bigram model: no attention, so no mask to apply
+    rows, cols = batch["predict"]
+    mean, total = clha_loss.response_logps(logits[rows, cols], batch["targets"], batch["lengths"])
+    loss, metrics = clha_loss.clha_objective(mean.view(1, 2), total.view(1, 2), batch["rewards"], batch["sft_index"])
+    out.append(loss.item())
+assert abs(out[0] - out[1]) < 1e-5, out
+print("loss", out[0])
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert run.returncode == 0 and run.stdout.startswith("loss "), run.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == ["clha_loss.py", "data.py"]
+
+
+def test_buffers_come_from_the_modules_not_from_an_initialiser(tmp_path, one_process):
+    """A model whose non-persistent buffer transformers' initialiser does not know (a rotary embedding under
+    another name). The old build (to_empty, then _init_weights) trained on uninitialised memory; so does
+    from_pretrained in transformers 5.24. The sharded model must equal the model its own __init__ builds."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    class Positions(LlamaRotaryEmbedding):                   # the class name is what _init_weights looks for
+        pass
+
+    class PositionsConfig(LlamaConfig):
+        model_type = "llama_positions_test"
+
+    class PositionsLlama(LlamaForCausalLM):
+        config_class = PositionsConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.model.rotary_emb = Positions(config)
+
+    AutoConfig.register("llama_positions_test", PositionsConfig, exist_ok=True)
+    AutoModelForCausalLM.register(PositionsConfig, PositionsLlama, exist_ok=True)
+    config = PositionsConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    eager = PositionsLlama(config).eval()                    # built for real: its buffers are right
+    eager.save_pretrained(tmp_path / "model")
+    rank, _, device = one_process
+    model = train.build_model(train.Config(model=str(tmp_path / "model"), dtype="float32"), config, device, rank)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.model.rotary_emb.inv_freq, eager.model.rotary_emb.inv_freq)
+        assert torch.allclose(model(input_ids=ids).logits, eager(input_ids=ids).logits, atol=1e-5, rtol=0)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+        assert not torch.equal(loaded.model.rotary_emb.inv_freq, eager.model.rotary_emb.inv_freq)   # the finding
+
+
+def test_the_last_layer_stays_gathered_after_forward(tiny, one_process):
+    """Backward starts with the last decoder layer, so it keeps its gathered weights after forward; the others
+    free theirs (and the memory they take does not grow with depth)."""
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoConfig
+    rank, _, device = one_process
+    model = train.build_model(train.Config(model=tiny["base"], dtype="float32", activation_checkpointing=False),
+                              AutoConfig.from_pretrained(tiny["base"]), device, rank)
+    model(input_ids=torch.tensor([[1, 5, 6, 7]]))            # forward only, with autograd on
+    first, last = model.model.layers[0], model.model.layers[-1]
+    assert isinstance(first.mlp.up_proj.weight, DTensor) and not isinstance(last.mlp.up_proj.weight, DTensor)
+
+
+def test_other_errors_inside_transformers_keep_their_traceback(tmp_path):
+    """cli.from_pretrained turns a missing, unreadable or truncated checkpoint into one line; a ValueError raised
+    inside transformers while loading a model is not the user's to fix and is not hidden as if it were."""
+    (tmp_path / "config.json").write_text("{}")
+
+    class Broken:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            raise ValueError("a bug somewhere inside the library")
+    with pytest.raises(ValueError, match="a bug somewhere") as raised:
+        cli.from_pretrained(Broken, str(tmp_path), "--model")
+    assert not isinstance(raised.value, cli.UserError)

@@ -14,6 +14,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, MistralConfig,
                           Qwen2Config)
 
+import cli
 import data
 import demo
 import evaluate
@@ -88,9 +89,8 @@ def test_truncation_and_eos(tokenizers, family):
         assert response_ids == expected, room
 
 
-def test_a_token_across_the_boundary_belongs_to_the_response(tokenizers):
-    """A byte-level BPE without pre-tokenization merges across spaces ('?ĊĊAssistant:ĠSure'): that token is the
-    response's, and generation starts where the training prompt ends, not after the prompt's own last token."""
+def crossing_tokenizer(tokenizers):
+    """A byte-level BPE without pre-tokenization: it merges across spaces, so tokens cross the prompt/reply boundary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     from conftest import training_texts
@@ -99,7 +99,13 @@ def test_a_token_across_the_boundary_belongs_to_the_response(tokenizers):
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(training_texts(str(tokenizers["dir"] / "merged")), trainers.BpeTrainer(
         vocab_size=700, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+
+def test_a_token_across_the_boundary_belongs_to_the_response(tokenizers):
+    """A byte-level BPE without pre-tokenization merges across spaces ('?ĊĊAssistant:ĠSure'): that token is the
+    response's, and generation starts where the training prompt ends, not after the prompt's own last token."""
+    tokenizer = crossing_tokenizer(tokenizers)
     prompt = "\n\nHuman: How do I make tea?\n\nAssistant:"
     (prompt_ids, response_ids), _ = data.encode_sample(tokenizer, {"prompt": prompt, "responses": ["Sure!", "No."]})
     crossing = tokenizer.convert_ids_to_tokens(response_ids[0])
@@ -230,3 +236,144 @@ def test_train_export_reload(family, tokenizers, family_runs, tmp_path):
         hidden = exported.base_model(input_ids=ids).last_hidden_state
         by_hand = hidden @ trained.get(head_name, trained[embedding_name]).to(dtype).T
         assert torch.allclose(exported(input_ids=ids).logits, by_hand, atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+# ---- the shared-prompt layout: Eq. 3 and a CLHA step's gradients, as with one row per candidate ------------------
+
+LONG = "Sure! " + " ".join(f"Step {n}: mix the flour and water, then knead it well." for n in range(12))
+
+
+def layout_samples(K):
+    """Two prompts with K candidates: one whole; one whose prompt is cut from the left and first reply cut at
+    max_len (see layout_case). Rewards 4 apart, best first: every pair is kept at reward_gap 3."""
+    rewards = [5.0, 1.0, -3.0, -7.0][:K]
+    return [{"id": "a", "prompt": PROMPT, "responses": RESPONSES[:K], "rewards": rewards, "sft_index": 0},
+            {"id": "b", "prompt": PROMPT * 4, "responses": [LONG] + RESPONSES[1:K], "rewards": rewards, "sft_index": 0}]
+
+
+def reference_logps(model, rows):
+    """Eq. 3 from its definition, one candidate at a time: its tokens alone in a row (no padding, no mask), and
+    the mean and sum over its response tokens of log softmax(logits at t - 1)[y_t]."""
+    means, sums = [], []
+    for prompt, response in rows:
+        logprobs = model(input_ids=torch.tensor([prompt + response])).logits[0].log_softmax(-1)
+        token = torch.stack([logprobs[len(prompt) + t - 1, y] for t, y in enumerate(response)])
+        means.append(token.mean())
+        sums.append(token.sum())
+    return torch.stack(means), torch.stack(sums)
+
+
+def layout_case(model, tokenizer, K, max_len=64, max_prompt_len=32, samples=None):
+    """Both layouts against the reference: log-probs, and the gradients of one CLHA objective (Eq. 7). In float32
+    to 1e-5 plus 2 ulps (a sum of -200 is only known to 1.5e-5 in float32 itself). In float64 to 1e-12, which only
+    a rearrangement of the same arithmetic meets; the gradients to 5e-7 where an RMSNorm computes in float32
+    whatever the model's dtype (LLaMA's does), to 1e-12 elsewhere (GPT-NeoX)."""
+    fp32_inside = any("RMSNorm" in type(m).__name__ for m in model.modules())
+    tol, grad_tol = (dict(atol=1e-5, rtol=2e-7),) * 2
+    if model.dtype == torch.float64:
+        tol, grad_tol = dict(atol=1e-12, rtol=0), dict(atol=5e-7 if fp32_inside else 1e-12, rtol=0)
+    from clha_loss import clha_objective
+    rows = [row for s in samples or layout_samples(K) for row in data.encode_sample(tokenizer, s, max_len, max_prompt_len)]
+    if samples is None:
+        assert len(rows[K][0]) == max_prompt_len and len(rows[K][1]) == max_len - max_prompt_len   # both cuts happen
+        assert rows[K][1][-1] != tokenizer.eos_token_id and rows[1][1][-1] == tokenizer.eos_token_id
+    samples = samples or layout_samples(K)
+    rewards, sft_index = torch.tensor([s["rewards"] for s in samples]), torch.zeros(2, dtype=torch.long)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def objective_and_grads(mean, total):
+        loss, _ = clha_objective(mean.view(2, K), total.view(2, K), rewards, sft_index)
+        return torch.autograd.grad(loss, params)
+    want = reference_logps(model, rows)
+    want_grads = objective_and_grads(*want)
+    for share in (True, False):
+        got = train.policy_logps(model, data.make_batch(tokenizer, samples, max_len, max_prompt_len, share))
+        for g, w in zip(got, want):
+            assert torch.allclose(g.to(w.dtype), w, **tol), (share, (g - w).abs().max())
+        for g, w in zip(objective_and_grads(*got), want_grads):
+            assert torch.allclose(g, w, **grad_tol), (share, (g - w).abs().max())
+
+
+def plain_model(family, tokenizer, attention="sdpa", dtype=torch.float32):
+    config_class, _, tied = MODELS[family]
+    kv = {} if config_class is GPTNeoXConfig else {"num_key_value_heads": 2}
+    config = config_class(vocab_size=len(tokenizer), tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=data.pad_id(tokenizer), **SIZE, **kv)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("tokenizer_family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
+def test_shared_prompt_layout_equals_one_row_per_candidate(family, tokenizer_family, K, dtype, tokenizers):
+    tokenizer = tokenizers[tokenizer_family]
+    layout_case(plain_model(family, tokenizer, dtype=dtype), tokenizer, K)
+    batch = data.make_batch(tokenizer, layout_samples(K), 64, 32, share_prompt=True)
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"].shape[:2] == (2, 1)   # one row per prompt
+    assert batch["tokens"] == sum(len(p) + len(r) for s in layout_samples(K)
+                                  for p, r in data.encode_sample(tokenizer, s, 64, 32))       # counted as B*K rows
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_shared_prompt_layout_with_eager_attention(family, tokenizers):
+    """Eager attention adds the mask to its scores: a True/False mask would add 1/0, so it gets 0/-inf."""
+    tokenizer = tokenizers[MODELS[family][1]]
+    layout_case(plain_model(family, tokenizer, attention="eager"), tokenizer, 3)
+
+
+def merging_tokenizer():
+    """A byte-level BPE with two merges and no pre-tokenization: 'Ġx' first, then ':Ġ'. Before a reply that starts
+    with 'x' the prompt's ':' stays a prompt token; before any other the token ':Ġ' crosses into the reply, so that
+    candidate's prompt part ends one token earlier: the prompt parts of one sample differ."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    merges = [("Ġ", "x"), (":", "Ġ")]
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab |= {a + b: len(vocab) + n for n, (a, b) in enumerate(merges)} | {"<|endoftext|>": len(vocab) + len(merges)}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("max_prompt_len", [200, 32])
+def test_shared_prompt_layout_with_a_token_across_the_boundary(max_prompt_len):
+    """Prompt parts that differ in their last tokens stay in each candidate's own part; cut from the left (32),
+    they differ from their first token on, and nothing is shared at all. Still exactly the one-row result."""
+    tokenizer = merging_tokenizer()
+    prompt = "\n\nHuman: How do I make tea?\n\nAssistant:"
+    samples = [{"id": "a", "prompt": prompt, "responses": ["x marks it", "Sure!", "xylophone"],
+                "rewards": [5.0, 1.0, -3.0], "sft_index": 0}] * 2
+    encoded = data.encode_sample(tokenizer, samples[0], max_prompt_len + 24, max_prompt_len)
+    ends = [tokenizer.convert_ids_to_tokens(p[-1]) for p, _ in encoded]
+    assert ends == [":", "t", ":"] and tokenizer.convert_ids_to_tokens(encoded[1][1][0]) == ":Ġ"   # the premise
+    shared, candidates = data.shared_rows(encoded)
+    assert [own for _, own in candidates] == ([1, 0, 1] if max_prompt_len == 200 else [32, 32, 32])
+    for dtype in (torch.float32, torch.float64):
+        layout_case(plain_model("llama", tokenizer, dtype=dtype), tokenizer, 3, max_prompt_len + 24, max_prompt_len,
+                    samples)
+
+
+def test_the_shared_layout_is_refused_where_the_attention_would_misread_it(tokenizers, tmp_path, capsys):
+    from types import SimpleNamespace
+    for impl in ("flash_attention_2", "flex_attention"):
+        with pytest.raises(data.UserError, match=rf"--model: its attention \({impl}\) cannot take the shared-prompt "
+                                                 r"mask: pass --no-share-prompt"):
+            train.check_shared_layout(SimpleNamespace(_attn_implementation=impl), 512)
+    # a sliding window shorter than a sequence: through train.py's command line, one line
+    tokenizer = tokenizers["bpe_bos"]
+    config = MistralConfig(vocab_size=len(tokenizer), sliding_window=64, eos_token_id=tokenizer.eos_token_id,
+                           num_key_value_heads=2, **SIZE)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
+    tokenizer.save_pretrained(tmp_path / "mistral")
+    train_file = tmp_path / "train.jsonl"
+    data.write_jsonl(str(train_file), [dict(s, id=f"{s['id']}{n}") for n in range(4) for s in layout_samples(2)])
+    argv = ["--model", str(tmp_path / "mistral"), "--train", str(train_file), "--out", str(tmp_path / "run"),
+            "--global-batch", "8", "--max-len", "128", "--max-prompt-len", "64"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.run(train.main, argv)
+    assert capsys.readouterr().err == ("error: --model: its sliding window (64) is shorter than --max-len 128, which "
+                                       "the shared-prompt mask would not apply: pass --no-share-prompt\n")

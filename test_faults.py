@@ -7,13 +7,17 @@ Each probe runs an entry script's main() through cli.run, as its command line do
 command lines: under torchrun, and alone.
 """
 
+import errno
 import gzip
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -25,7 +29,7 @@ import data
 import evaluate
 import rescore
 import train
-from conftest import train_args
+from conftest import torchrun, train_args
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PROMPT = "\n\nHuman: How do I bake bread?\n\nAssistant:"
@@ -353,3 +357,268 @@ def test_alone_stderr_is_one_line(tmp_path):
                           str(tmp_path / "none.jsonl"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 2 and run.stderr == f"error: --data {tmp_path / 'none.jsonl'}: no such file\n"
+
+
+# ---- shared folders: one run per output -------------------------------------------------------------------------
+
+def test_a_second_run_on_the_same_out_is_refused_and_writes_nothing(tiny, tmp_path, capsys):
+    """Another run holds the lock: rescore.py (a real second process), evaluate.py and train.py each refuse in one
+    line naming the output, before reading or writing anything."""
+    path, out = str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")
+    data.write_jsonl(path, [sample(f"s{n}") for n in range(5)])
+    with checkpoint.lock(out + ".lock", "--out", out):           # the first run, still working
+        run = subprocess.run([sys.executable, "rescore.py", "--reward-model", tiny["base"], "--data", path, "--out",
+                              out], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and run.stderr == (f"error: --out {out}: another run is writing it now (it holds "
+                                                      f"{out}.lock); wait for it, or choose another --out\n")
+        assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl.lock"]          # no parts, no settings
+        (tmp_path / "run").mkdir()
+        with checkpoint.lock(str(tmp_path / "run" / ".lock"), "--out", str(tmp_path / "run")):
+            one_line_error(capsys, train.main, train_args(tiny, tmp_path / "run"), r"--out .*run: another run is "
+                                                                                   r"writing it now")
+            assert os.listdir(tmp_path / "run") == [".lock"]                       # nothing but the holder's lock
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "run"]                     # released, and removed
+
+
+def test_two_rescore_runs_on_one_out_never_mix(tmp_path):
+    """Started a moment apart with different reward models: the second is refused; the output is the first's."""
+    path, out = str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")
+    data.write_jsonl(path, [sample(f"s{n}") for n in range(40)])
+    second = []
+
+    def first_scorer(prompts, responses):                       # while the first scores, the second one starts
+        if not second:
+            with pytest.raises(cli.UserError, match="another run is writing it now"):
+                rescore.rescore_file("rm_b", path, out, score_fn=scorer({"Mix flour.": -9.0, "No.": 9.0}))
+            second.append(True)
+        return [1.0 if r == "Mix flour." else -1.0 for r in responses]
+    rescore.rescore_file("rm_a", path, out, batch_size=1, score_fn=first_scorer)
+    assert second and all(s["rewards"] == [1.0, -1.0] for s in data.read_samples(out))   # every reward is rm_a's
+
+
+def test_results_are_tied_to_the_contents_of_their_inputs(tiny, tmp_path, capsys):
+    """--train changed at the same path since the checkpoint: --resume refuses. --resume with no checkpoint yet
+    starts (a requeue loop always passes it). --batch-size may change only where it cannot alter the objective."""
+    train_file = tmp_path / "train.jsonl"
+    shutil.copy(tiny["train"], train_file)
+    args = train_args(tiny, tmp_path / "run", "--train", str(train_file), "--save-every", "2", "--dtype", "float32",
+                      "--resume")
+    train.main(args + ["--max-steps", "2"])                     # --resume on an empty --out: it trains
+    assert "--resume: no checkpoint in" in capsys.readouterr().out and (tmp_path / "run" / "final").exists()
+    with open(train_file, "a") as f:                            # the same path, other contents
+        f.write(json.dumps(dict(data.read_samples(tiny["train"])[0], id="extra")) + "\n")
+    one_line_error(capsys, train.main, args + ["--max-steps", "3"],
+                   rf"--train {train_file}: its contents changed since --resume: .*step_0000002 was made from it")
+    one_line_error(capsys, train.main, train_args(tiny, tmp_path / "run", "--train", tiny["train"], "--max-steps", "3",
+                                                  "--dtype", "float32", "--resume", "--batch-size", "4",
+                                                  "--reduction", "official"),
+                   r"made with --batch-size 2, not 4")
+
+
+def test_batch_size_does_not_change_the_paper_reduction_but_changes_the_official_one(tiny, tokenizer):
+    """The gradient of one optimizer step of 8 prompts, as micro-batches of 2 or of 4 (train.py's accumulation):
+    the same under --reduction paper (a mean over prompts), not under official (a mean per micro-batch)."""
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32)
+    samples = data.read_samples(tiny["train"])[:8]
+    gap = [4, 4, 1, 1] * 2                                      # kept, kept, dropped, dropped at reward_gap 3
+    samples = [dict(s, rewards=[s["rewards"][0], s["rewards"][0] - gap[n]]) for n, s in enumerate(samples)]
+    grads = {}
+    for reduction in ("paper", "official"):
+        cfg = train.Config(model=tiny["base"], max_len=128, max_prompt_len=64, reduction=reduction)
+        for batch_size in (2, 4):
+            model.zero_grad()
+            for micro in range(0, 8, batch_size):
+                batch = data.make_batch(tokenizer, samples[micro:micro + batch_size], 128, 64, share_prompt=True)
+                (train.objective(cfg, model, batch, torch.device("cpu"))[0] * batch_size / 8).backward()
+            grads[reduction, batch_size] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(grads["paper", 2], grads["paper", 4], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(grads["official", 2], grads["official", 4], atol=1e-4, rtol=1e-3)
+    assert "batch_size" not in checkpoint.FREE_ON_RESUME      # free only under paper (find_resumable)
+
+
+def test_evaluate_redoes_what_changed_in_its_inputs(tiny, tmp_path):
+    """A rerun on a finished --out after the references changed (same ids and prompts), and after a sample gained
+    a response (--extra): the results are a fresh --out's, and only the changed samples are generated again."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification, AutoTokenizer
+    rm = tmp_path / "rm"
+    config = LlamaConfig.from_pretrained(tiny["base"], num_labels=1)
+    torch.manual_seed(1)
+    LlamaForSequenceClassification(config).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(tiny["base"]).save_pretrained(rm)
+    samples = data.read_samples(tiny["dev"])[:6]
+    test = str(tmp_path / "test.jsonl")
+    run = lambda out: evaluate.evaluate(evaluate.Config(model=tiny["base"], reward_model=str(rm), data=[test], out=str(
+        out), batch_size=3, max_new_tokens=6, max_prompt_len=48))
+    data.write_jsonl(test, samples)
+    run(tmp_path / "eval")
+    changed = [dict(s, responses=["Boil water first." if n == 0 else s["responses"][0], *s["responses"][1:]]
+                    + (["Maybe."] if n == 1 else []), rewards=None) for n, s in enumerate(samples)]
+    data.write_jsonl(test, changed)
+    again, fresh = run(tmp_path / "eval"), run(tmp_path / "fresh")
+    assert again == fresh and again["Total"]["n"] == 6
+    lines = (tmp_path / "eval" / "parts" / "rank0.jsonl").read_text().splitlines()
+    assert len(lines) == 6 + 2                                  # the two changed samples, once more
+    records = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert records[0]["reference"] == "Boil water first." and records[1]["pairs"] == 3
+
+
+# ---- the input checks -------------------------------------------------------------------------------------------
+
+def test_an_output_that_is_a_symlink_is_written_through(tmp_path):
+    path = str(tmp_path / "in.jsonl")
+    data.write_jsonl(path, [sample("a")])
+    (tmp_path / "target.jsonl").write_text("old\n")
+    os.symlink(tmp_path / "target.jsonl", tmp_path / "out.jsonl")
+    rescore.rescore_file("rm", path, str(tmp_path / "out.jsonl"), score_fn=scorer({"Mix flour.": 2.0, "No.": -1.0}))
+    assert os.path.islink(tmp_path / "out.jsonl")                # the link stays, its target has the output
+    assert data.read_samples(str(tmp_path / "target.jsonl"))[0]["rewards"] == [2.0, -1.0]
+
+
+@pytest.mark.parametrize("reply", ["\u200b", "\x07\x07", " \u200b\u2060\n"])
+def test_invisible_responses_are_refused_at_file_and_line(tmp_path, reply):
+    path = write(tmp_path / "x.jsonl", [GOOD, json.dumps(sample("b", responses=["Fine.", reply]))])
+    with pytest.raises(cli.UserError, match=r"x.jsonl:2: 'responses' must hold at least 2 strings with visible text"):
+        data.read_samples(path)
+
+
+def oa_config_only(folder, tokenizer, **tokenizer_changes):
+    """An OpenAssistant-format reward model folder with a config and a tokenizer but no weights: whatever is
+    reported here is reported before any weight loads."""
+    os.makedirs(folder)
+    config = {"model_type": "gpt_neox_reward_model", "architectures": ["GPTNeoXRewardModel"], "pooling": "last",
+              "vocab_size": len(tokenizer), "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    (folder / "config.json").write_text(json.dumps(config))
+    for name, value in tokenizer_changes.items():
+        setattr(tokenizer, name, value)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_reward_model_mistakes_are_found_before_its_weights_load(tokenizers, tmp_path, capsys):
+    bad = write(tmp_path / "in.jsonl", [GOOD, json.dumps(sample("b", prompt="Tell me a joke.\n\nAssistant:"))])
+    rm = oa_config_only(tmp_path / "oa", tokenizers["bpe"])
+    one_line_error(capsys, rescore.main, ["--reward-model", rm, "--data", bad, "--out", str(tmp_path / "o.jsonl")],
+                   r"in.jsonl:2: not an HH-RLHF prompt \('\\n\\nHuman: ... \\n\\nAssistant:'\): 'Tell me a joke")
+    from transformers import PreTrainedTokenizerFast
+    bare = PreTrainedTokenizerFast(tokenizer_object=tokenizers["bpe"].backend_tokenizer)     # no pad, no EOS
+    rm = oa_config_only(tmp_path / "bare", bare)
+    good = write(tmp_path / "good.jsonl", [GOOD])
+    one_line_error(capsys, rescore.main, ["--reward-model", rm, "--data", good, "--out", str(tmp_path / "o.jsonl")],
+                   r"--reward-model .*bare: its tokenizer has neither a pad nor an EOS token to pad a batch with")
+    (tmp_path / "no_tokenizer").mkdir()
+    shutil.copy(tmp_path / "oa" / "config.json", tmp_path / "no_tokenizer")
+    one_line_error(capsys, rescore.main, ["--reward-model", str(tmp_path / "no_tokenizer"), "--data", good, "--out",
+                                          str(tmp_path / "o.jsonl")],
+                   r"--reward-model .*no_tokenizer: no tokenizer in this folder \(none of tokenizer.json, "
+                   r"tokenizer.model, vocab.json, vocab.txt, spiece.model\)$")
+
+
+# ---- preemption and a full disk: what is kept, and one line -----------------------------------------------------
+
+def children(pid):
+    found = []
+    for child in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(child))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+def test_sigterm_to_torchrun_saves_the_step_reached_and_resume_is_bit_identical(tiny, two_rank_run, tmp_path):
+    """As Slurm or Kubernetes preempt a job: SIGTERM to torchrun, which passes it to the workers. They finish the
+    step in flight, agree on it, save it on every rank, and exit; --resume then gives the uninterrupted weights.
+    The workers are paused around the signal, so the step it lands in does not depend on the machine's speed."""
+    out = tmp_path / "run"
+    args = train_args(tiny, out, "--max-steps", "9", "--dtype", "float32")          # as two_rank_run
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 2:
+        assert run.poll() is None and time.time() < deadline, "the run ended before its second step"
+        time.sleep(0.01)
+    workers = children(run.pid)
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    run.send_signal(signal.SIGTERM)
+    time.sleep(2)                                              # torchrun passes SIGTERM on to the paused workers
+    for pid in workers:
+        os.kill(pid, signal.SIGCONT)
+    _, err = run.communicate(timeout=240)
+    said = re.findall(r"stopped by SIGTERM: saved step (\d+); rerun with --resume", err)
+    assert len(said) == 1 and run.returncode != 0, err[-2000:]
+    step = int(said[0])
+    assert 2 <= step < 9 and not (out / "final").exists()
+    assert checkpoint.step_dirs(str(out))[-1].endswith(f"step_{step:07d}")
+    assert checkpoint.damage(checkpoint.step_dirs(str(out))[-1]) is None           # complete, on every rank
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == list(range(1, step + 1))
+    torchrun(2, args + ["--resume"])
+    w1, w2 = load_file(str(out / "final" / "model.safetensors")), load_file(str(two_rank_run / "final" / "model.safetensors"))
+    assert all(torch.equal(w1[name], w2[name]) for name in w1)
+
+
+def file_size_limit(size):
+    """A disk that takes no file larger than `size` bytes, for a child process: writes past it fail with EFBIG,
+    as they would with ENOSPC on a full disk or EDQUOT over a quota (SIGXFSZ, which would kill it, is ignored)."""
+    def preexec():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return preexec
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_with_room_finishes(tiny, two_rank_run, tmp_path):
+    # train.py under torchrun: the first checkpoint cannot be written on either rank
+    out = tmp_path / "run"
+    args = train_args(tiny, out, "--max-steps", "9", "--dtype", "float32")          # as two_rank_run
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         preexec_fn=file_size_limit(400_000))
+    ours = [line for line in run.stderr.splitlines() if line.startswith("error")]
+    assert run.returncode != 0 and ours == [f"error: cannot write {out}/checkpoints/step_0000003.tmp (the file could not "
+                                            "be written in full): the checkpoints before it are kept; rerun with "
+                                            "--resume once there is room"], run.stderr[-3000:]
+    assert 'File "' + os.path.join(ROOT, "train.py") not in run.stderr and run.stderr.count("exitcode  : 2") == 2
+    torchrun(2, args + ["--resume"])                           # no checkpoint was kept: it starts over, and finishes
+    w1, w2 = load_file(str(out / "final" / "model.safetensors")), load_file(str(two_rank_run / "final" / "model.safetensors"))
+    assert all(torch.equal(w1[name], w2[name]) for name in w1)
+
+    # rescore.py: a part file that cannot grow, then an output that cannot be written; the reruns finish
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    rm = tmp_path / "rm"
+    LlamaForSequenceClassification(LlamaConfig.from_pretrained(tiny["base"], num_labels=1)).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(tiny["base"]).save_pretrained(rm)
+    path = str(tmp_path / "in.jsonl")
+    data.write_jsonl(path, [dict(s, rewards=None) for s in data.read_samples(tiny["train"])[:256]])
+    command = [sys.executable, "rescore.py", "--reward-model", str(rm), "--data", path, "--batch-size", "8"]
+    whole = subprocess.run(command + ["--out", str(tmp_path / "whole.jsonl")], cwd=ROOT, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    for size, said in ((6_000, f"error: {tmp_path}/out.jsonl.part0: cannot write it (File too large); the samples "
+                               "scored so far are kept, rerun the same command once there is room"),
+                       (30_000, f"error: {tmp_path}/out.jsonl: cannot write it (File too large); nothing was "
+                                "replaced, rerun once there is room")):
+        run = subprocess.run(command + ["--out", str(tmp_path / "out.jsonl")], cwd=ROOT, capture_output=True,
+                             text=True, preexec_fn=file_size_limit(size))
+        assert run.returncode == 2 and run.stderr.splitlines()[-1] == said, run.stderr[-2000:]
+        assert not (tmp_path / "out.jsonl").exists() and (tmp_path / "out.jsonl.part0").exists()
+    run = subprocess.run(command + ["--out", str(tmp_path / "out.jsonl")], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for a, b in zip(data.read_samples(str(tmp_path / "out.jsonl")), data.read_samples(str(tmp_path / "whole.jsonl"))):
+        assert a["id"] == b["id"] and a["rewards"] == pytest.approx(b["rewards"], abs=1e-5)
+
+
+def test_a_full_disk_at_the_export_keeps_the_checkpoints(tiny, finished, tmp_path, capsys):
+    class Full:
+        def save_pretrained(self, path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    cfg = train.Config(model=tiny["base"], out=str(tmp_path), dtype="float32")
+    rank, _, device = train.init_distributed()
+    try:
+        model = train.build_model(cfg, __import__("transformers").AutoConfig.from_pretrained(tiny["base"]), device, 0)
+        with pytest.raises(cli.UserError, match=rf"cannot write {tmp_path}/final.tmp \(No space left on device\): the "
+                                                r"checkpoints are kept; rerun with --resume once there is room"):
+            checkpoint.export_hf(cfg, model, Full(), rank)
+    finally:
+        torch.distributed.destroy_process_group()

@@ -264,7 +264,7 @@ def main(argv=None):
     rank, world, device = init_distributed(cfg.cpu_offload)
     try:
         cli.output_dir(cfg.out, "--out")
-        with checkpoint.lock(os.path.join(cfg.out, ".lock"), f"--out {cfg.out}"):   # one run per --out
+        with checkpoint.lock(os.path.join(cfg.out, ".lock"), "--out", cfg.out):   # one run per --out
             train(cfg, rank, world, device, log=print if rank == 0 else (lambda *_: None))
     finally:
         dist.destroy_process_group()
@@ -299,8 +299,8 @@ def train(cfg, rank, world, device, log):
     start = checkpoint.load(resume_from, model, optimizer, rank) if resume_from else 0
 
     # training loop
-    meter, run_log = logs.Meter(), logs.RunLog(cfg, rank, total, start)
-    with Preemption() as preemption:
+    meter = logs.Meter()
+    with logs.RunLog(cfg, rank, total, start) as run_log, Preemption() as preemption:
         for step, epoch, indices in data.iterate_steps(lengths, cfg.global_batch, cfg.seed, cfg.epochs, start,
                                                        cfg.group_by_length):
             if step >= total:                                          # --max-steps, or resumed at the end
@@ -335,10 +335,10 @@ def train(cfg, rank, world, device, log):
                 checkpoint.save(cfg, model, optimizer, done, rank, world, inputs)
             run_log.advance()
             if stop:
-                run_log.close()
-                log(f"stopped by {signal.Signals(stop).name}: saved step {done}; rerun with --resume")
+                if rank == 0:
+                    print(f"stopped by {signal.Signals(stop).name}: saved step {done}; rerun with --resume",
+                          file=sys.stderr, flush=True)
                 raise SystemExit(128 + stop)
-    run_log.close()
 
     # teardown: one consolidated Hugging Face checkpoint
     checkpoint.export_hf(cfg, model, tokenizer, rank)
