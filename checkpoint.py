@@ -20,6 +20,7 @@ import dataclasses
 import fcntl
 import glob
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -131,7 +132,9 @@ def check_settings(saved, now, where, free=()):
     Settings are {flag: value}; an input's value is its fingerprint, compared by contents (a moved file is fine)."""
     for flag in sorted(set(now) - set(free)):
         old, new = saved.get(flag), now[flag]
-        if isinstance(new, dict) and isinstance(old, dict) and new["sha256"] and old.get("sha256") == new["sha256"]:
+        if isinstance(new, dict) and isinstance(old, dict) and (
+                new["sha256"] and old.get("sha256") == new["sha256"]                   # the same contents
+                or old.get("sha256") is None and old.get("path") == new["path"]):      # a hub id, or not recorded
             continue
         if old != new:
             if isinstance(new, dict) and isinstance(old, dict) and old.get("path") == new["path"]:
@@ -246,10 +249,13 @@ def find_resumable(cfg, inputs, log=print):
         log(f"--resume: no checkpoint in {cfg.out} yet, starting at step 0")
         return None
     meta = read_json(os.path.join(path, "meta.json"))
+    flags = lambda config: {f"--{k.replace('_', '-')}": v for k, v in config.items()}
+    saved = dataclasses.asdict(type(cfg)()) | meta["config"]          # a flag its version lacked had its default
+    recorded = meta.get("inputs") or {f: {"path": os.path.abspath(p), "sha256": None} if p else None
+                                      for f, p in (("--train", saved["train"]), ("--dev", saved["dev"]))}
     free = FREE_ON_RESUME | ({"batch_size"} if cfg.reduction == "paper" else set())
-    check_settings({**{f"--{k.replace('_', '-')}": v for k, v in meta["config"].items()}, **meta.get("inputs", {})},
-                   {**{f"--{k.replace('_', '-')}": v for k, v in dataclasses.asdict(cfg).items()}, **inputs},
-                   f"--resume: {path}", free={f"--{k.replace('_', '-')}" for k in free})
+    check_settings(flags(saved) | recorded, flags(dataclasses.asdict(cfg)) | inputs, f"--resume: {path}",
+                   free={f"--{k.replace('_', '-')}" for k in free})
     return path
 
 
@@ -292,7 +298,8 @@ def read_step(path):
 
 def save(cfg, model, optimizer, step, rank, world, inputs):
     """Each rank writes its own shards (DCP) into step_N.tmp; rank 0 writes meta.json and renames the folder once
-    every rank has finished. The folder must be shared by all nodes. A failed write stops every rank with one line."""
+    every rank has finished. The folder must be shared by all nodes. A write the filesystem refuses, on any rank
+    and at any stage, stops every rank with the same one line."""
     path = os.path.join(cfg.out, "checkpoints", f"step_{step:07d}")
     if rank == 0:
         shutil.rmtree(path + ".tmp", ignore_errors=True)
@@ -301,7 +308,10 @@ def save(cfg, model, optimizer, step, rank, world, inputs):
     try:
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
         dcp.save(state, checkpoint_id=path + ".tmp")           # every rank learns of any rank's failure
-        torch.save(torch.get_rng_state(), os.path.join(path + ".tmp", f"rng_rank{rank}.pt"))
+        rng = io.BytesIO()
+        torch.save(torch.get_rng_state(), rng)
+        with open(os.path.join(path + ".tmp", f"rng_rank{rank}.pt"), "wb") as f:   # a refusal is an OSError here
+            f.write(rng.getvalue())
     except (OSError, CheckpointException) as e:
         failures = [x[0] for x in e.failures.values()] if isinstance(e, CheckpointException) else [e]
         problem = refused_write(failures[0])
@@ -309,18 +319,21 @@ def save(cfg, model, optimizer, step, rank, world, inputs):
             raise
     problems = [None] * world
     dist.all_gather_object(problems, problem)
-    if any(problems):
-        raise UserError(f"cannot write {path}.tmp ({next(filter(None, problems))}): the checkpoints before it are "
-                        "kept; rerun with --resume once there is room")
-    dist.barrier()
-    if rank == 0:
-        write_json(os.path.join(path + ".tmp", "meta.json"),
-                   {"step": step, "world": world, "config": dataclasses.asdict(cfg), "inputs": inputs})
-        shutil.rmtree(path, ignore_errors=True)               # a damaged folder of the same step, from before
-        os.replace(path + ".tmp", path)
-        for old in step_dirs(cfg.out)[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old)
-    dist.barrier()
+    if rank == 0 and not any(problems):
+        try:
+            with open(os.path.join(path + ".tmp", "meta.json"), "w") as f:
+                json.dump({"step": step, "world": world, "config": dataclasses.asdict(cfg), "inputs": inputs}, f)
+            shutil.rmtree(path, ignore_errors=True)           # a damaged folder of the same step, from before
+            os.replace(path + ".tmp", path)
+            for old in step_dirs(cfg.out)[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        except OSError as e:
+            problems[0] = e.strerror
+    verdict = [next(filter(None, problems), None)]
+    dist.broadcast_object_list(verdict, src=0)                 # rank 0's last word: every rank stops, or none
+    if verdict[0]:
+        raise UserError(f"cannot write {path}.tmp ({verdict[0]}): the checkpoints before it are kept; rerun with "
+                        "--resume once there is room")
 
 
 def refused_write(e):

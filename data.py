@@ -2,9 +2,8 @@
 
     python data.py --hh-dir hh-rlhf --out data/hh2    # the paper's splits: train, dev, test/<subset> (.jsonl)
 
-It prints what it read, skipped and wrote. `hh-rlhf` is Anthropic's repository layout:
-<subset>/{train,test}.jsonl.gz for harmless-base, helpful-base, helpful-online, helpful-rejection-sampled.
-This file needs nothing else of this project (torch only, and a Hugging Face tokenizer for the batches).
+It prints what it read, skipped and wrote. `hh-rlhf` is Anthropic's repository layout: <subset>/{train,test}.jsonl.gz
+for harmless-base, helpful-base, helpful-online, helpful-rejection-sampled. This file needs no other of ours.
 
 Sample format: one JSON object per line, one line per prompt.
     {"id": "harmless-base/test/17",           # subset/split/line of the raw file
@@ -13,30 +12,24 @@ Sample format: one JSON object per line, one line per prompt.
      "responses": ["...", "..."],              # K >= 2 candidate replies, best first once rescored
      "rewards": [4.58, -0.16] or null,         # reward-model scores, null until rescore.py has run
      "sft_index": 0}                           # which response the SFT term trains on
-Raw HH-RLHF gives responses in human order (chosen, rejected) and sft_index 0. The readers also accept the
-authors' released format ({"prefix": [[turns]] * K, "suffix": [...], "reward": [...], "sft_index": i}), and
-read gzip by its content, whatever the file's name. A malformed line is an error naming file:line.
+Raw HH-RLHF gives responses in human order (chosen, rejected). The readers also accept the authors' released
+format ({"prefix", "suffix", "reward", "sft_index"}), and read gzip by its content, whatever the file's name.
 
-Each candidate's tokens are the tokenizer's own encoding of the dialogue text prompt + " " + response, special
-tokens included (BOS for LLaMA, none for Qwen2 or GPT-NeoX), then EOS if the whole response fits. A batch of
-B prompts holds all K candidates of each, in one of two layouts (legend: B prompts, K candidates, L columns):
-    one row per candidate, [B*K, L]      [prompt | candidate 1]  [prompt | candidate 2]   (the authors' way)
-    one row per prompt, [B, L]           [prompt | candidate 1 | candidate 2]             (share_prompt=True)
-In the second the prompt is computed once, and a [B, 1, L, L] mask lets each candidate see only the prompt
-and itself, at the positions it would have in a row of its own, so Eq. 3 does not change:
+A candidate's tokens are the tokenizer's own encoding of prompt + " " + response, its special tokens included,
+then EOS if the whole response fits. A batch holds B prompts with all K candidates (legend: L columns), either
+one row per candidate, [B*K, L], as the authors do, or (share_prompt) one row per prompt, [B, L], whose
+[B, 1, L, L] mask lets each candidate see the prompt and itself, at the positions it would have alone:
 
-    prompt     P P P . . . . . . .      rows: the token attending, columns: the tokens it sees
-    prompt     P P P P . . . . . .      (here a prompt of 4 tokens, candidates of 3 and 2)
-    ...        P P P P P . . . . .
-               P P P P P P . . . .
-    cand. 1    P P P P 1 . . . . .      positions 4, 5, 6
-               P P P P 1 1 . . . .
-               P P P P 1 1 1 . . .
-    cand. 2    P P P P . . . 2 . .      positions 4, 5 again
-               P P P P . . . 2 2 .
+    prompt   P . . . . .        rows: the token attending; columns: the tokens it sees
+             P P . . . .        (a prompt of 2 tokens, candidates of 2 and 2)
+    cand. 1  P P 1 . . .        positions 2, 3
+             P P 1 1 . .
+    cand. 2  P P . . 2 .        positions 2, 3 again
+             P P . . 2 2
 """
 
 import argparse
+import functools
 import gzip
 import json
 import math
@@ -44,7 +37,6 @@ import os
 import random
 import sys
 import unicodedata
-import weakref
 import zlib
 from collections import Counter
 
@@ -58,6 +50,199 @@ class UserError(ValueError):
     """A mistake the user can fix, in a flag, a path or a line of data: the message says where and what to change.
     Every entry script prints it as one line and exits with status 2 (cli.run); it lives here, the lowest module
     that raises it, so that this file copies alone."""
+
+
+# ---- tokenization -------------------------------------------------------------------------------------------
+
+def check_tokenizer(tokenizer, flag):
+    """What batching needs of a tokenizer: character offsets (a fast tokenizer) and an EOS token."""
+    if not tokenizer.is_fast:
+        raise UserError(f"{flag}: {type(tokenizer).__name__} is not a fast tokenizer; the prompt/response "
+                        "boundary needs its character offsets")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{flag}: the tokenizer has no EOS token, which ends every whole response")
+
+
+def special_prefix(tokenizer):
+    """The ids the tokenizer itself puts before a text (add_special_tokens=True): BOS for LLaMA-1/2/3 and
+    Mistral, nothing for Qwen2, GPT-NeoX or SmolLM2, whatever `bos_token` they define. We follow it, not guess."""
+    with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return next(with_specials[:n] for n in range(len(with_specials) - len(plain) + 1)
+                if with_specials[n:n + len(plain)] == plain)
+
+
+@functools.lru_cache(maxsize=16)
+def max_token_chars(tokenizer):
+    """The most characters one token stands for (its vocabulary's longest entry), so text[:n * this] keeps the
+    first n tokens of text: a 30 MB line is cut before it is tokenized, not after."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
+def split_tokens(tokenizer, text, boundary):
+    """The tokenizer's own encoding of `text`, split at character `boundary` by the tokens' character offsets:
+    (the tokens that end before it, the rest). A token that crosses the boundary goes with the rest."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ends = [end for _, end in encoded["offset_mapping"]]
+    split = next((n for n, end in enumerate(ends) if end > boundary), len(ends))
+    return encoded["input_ids"][:split], encoded["input_ids"][split:]
+
+
+def encode_prompt(tokenizer, prompt, max_prompt_len):
+    """The prompt as generation starts from it: the tokenizer's special prefix, then the prompt's last tokens,
+    `max_prompt_len` in all (as the authors count), cut from the left so the end of the dialogue survives.
+    Split as in training, from the encoding of prompt + " ": the space that opens the reply is the reply's."""
+    prefix = special_prefix(tokenizer)
+    keep = max_prompt_len - len(prefix)
+    if keep < 1:
+        raise UserError(f"--max-prompt-len {max_prompt_len} leaves no room after {len(prefix)} special tokens")
+    prompt = prompt[-2 * keep * max_token_chars(tokenizer):]     # no need to tokenize what is cut anyway
+    return prefix + split_tokens(tokenizer, prompt + " ", len(prompt))[0][-keep:]
+
+
+def encode_sample(tokenizer, sample, max_len=512, max_prompt_len=384):
+    """-> K rows (prompt ids, response ids), one per candidate.
+
+    Each row is the tokenizer's own encoding of the dialogue text prompt + " " + response, so a byte-level BPE
+    tokenizer (Llama-3, Qwen2, GPT-NeoX) sees ':' 'ĠHello' as in the raw dialogue, not a glued ':' 'Hello'.
+    The prompt part is what `encode_prompt` gives generation, cut from the left to `max_prompt_len`; the
+    response is cut from the right to fit `max_len`, and only a response that fits whole ends with EOS.
+    """
+    prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
+    keep = max_prompt_len - len(prefix)
+    if keep < 1 or max_len - max_prompt_len < 1:
+        raise UserError(f"--max-prompt-len {max_prompt_len} and --max-len {max_len} leave no room for the prompt "
+                        f"after {len(prefix)} special tokens, or for the response")
+    chars = 2 * max_len * max_token_chars(tokenizer)
+    prompt = sample["prompt"][-chars:]
+    rows = []
+    for response in sample["responses"]:
+        prompt_ids, response_ids = split_tokens(tokenizer, prompt + " " + response.strip()[:chars], len(prompt))
+        prompt_ids = prefix + prompt_ids[-keep:]
+        if not prompt_ids:                          # Eq. 3 needs a token before the response to predict it from
+            raise UserError(f"sample {sample.get('id')}: its prompt has no token of its own before the response")
+        room = max_len - len(prompt_ids)
+        response_ids = response_ids + [eos] if len(response_ids) < room else response_ids[:room]
+        rows.append((prompt_ids, response_ids))
+    return rows
+
+
+# ---- batches --------------------------------------------------------------------------------------------------
+
+def pad_id(tokenizer):
+    """Any id works where nothing attends to it; LLaMA's tokenizer has no pad token, so fall back to EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def shared_rows(encoded):
+    """One sample's K (prompt ids, response ids) -> (shared ids, [(candidate ids, own prompt tokens)]).
+    The shared part is the longest run of prompt tokens all K have in common. With a byte-level BPE the last
+    prompt tokens can differ between candidates (a token crossing into the reply is the reply's): they stay
+    in each candidate's own part, before its response."""
+    prompts = [prompt for prompt, _ in encoded]
+    n = 0
+    while n < min(map(len, prompts)) and len({p[n] for p in prompts}) == 1:
+        n += 1
+    return prompts[0][:n], [(prompt[n:] + response, len(prompt) - n) for prompt, response in encoded]
+
+
+def collate(rows, samples, pad_id, share_prompt, multiple=8):
+    """Rows (shared ids, [(candidate ids, own prompt tokens)]) -> the batch, padded on the right to a multiple of 8.
+
+    Every candidate sees the row's shared part and its own earlier tokens, at the positions of a row of its own.
+    For each response token the batch says where the logit that predicts it is (`predict`: row and column),
+    in candidate order, prompt-major (candidate n = b * K + k); `lengths`: response tokens per candidate.
+    """
+    L = -(-max(len(shared) + sum(len(ids) for ids, _ in cands) for shared, cands in rows) // multiple) * multiple
+    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)      # [R, L]
+    positions = torch.zeros(len(rows), L, dtype=torch.long)               # [R, L]
+    sees = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1)         # [R, L, L] padding sees itself alone
+    real = torch.zeros(len(rows), L, dtype=torch.bool)                    # [R, L] not padding
+    predict, targets, lengths, tokens = [], [], [], 0
+    for r, (shared, cands) in enumerate(rows):
+        P = len(shared)
+        input_ids[r, :P], positions[r, :P] = torch.tensor(shared, dtype=torch.long), torch.arange(P)
+        sees[r, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
+        start = P
+        for ids, own_prompt in cands:
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.tensor(ids)
+            positions[r, start:end] = torch.arange(P, P + len(ids))      # as if the candidate had the row alone
+            sees[r, start:end, :P] = True                                 # the shared part...
+            sees[r, start:end, start:end] = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()  # ...and itself
+            for t in range(own_prompt, len(ids)):         # token t is predicted by the one before it
+                predict.append((r, start + t - 1 if t > 0 else P - 1))
+                targets.append(ids[t])
+            lengths.append(len(ids) - own_prompt)
+            tokens += P + len(ids)
+            start = end
+        real[r, :start] = True
+    rows_cols = torch.tensor(predict).T                                   # [2, M]
+    has_rewards = all(s["rewards"] is not None for s in samples) and len({len(s["responses"]) for s in samples}) == 1
+    return {"input_ids": input_ids,
+            # [R, 1, L, L] True where a token may attend; one candidate a row: the usual [R, L] padding mask
+            "attention_mask": sees[:, None] if share_prompt else real,
+            "position_ids": positions if share_prompt else None,          # None: 0, 1, 2, ... as usual
+            "predict": (rows_cols[0], rows_cols[1]), "targets": torch.tensor(targets), "lengths": torch.tensor(lengths),
+            "tokens": tokens,                                             # real tokens of the B*K sequences
+            "rewards": torch.tensor([s["rewards"] for s in samples], dtype=torch.float32) if has_rewards else None,
+            "sft_index": torch.tensor([s["sft_index"] for s in samples]),   # [B]
+            "K": len(samples[0]["responses"])}
+
+
+def make_batch(tokenizer, samples, max_len=512, max_prompt_len=384, share_prompt=False):
+    """Samples -> one batch of their B prompts and all K candidates, as train.py, evaluate.py and benchmark.py
+    build it: one row per candidate, or with share_prompt one row per prompt that computes the prompt once."""
+    encoded = [encode_sample(tokenizer, s, max_len, max_prompt_len) for s in samples]
+    rows = [shared_rows(e) for e in encoded] if share_prompt else \
+        [(prompt, [(response, 0)]) for e in encoded for prompt, response in e]
+    return collate(rows, samples, pad_id(tokenizer), share_prompt)
+
+
+# ---- sampling -------------------------------------------------------------------------------------------------
+
+def step_batches(lengths, global_batch, seed, epoch, group_by_length=False, window=32):
+    """Sample indices of each optimizer step in one epoch; the order depends only on (seed, epoch).
+
+    The last len(lengths) % global_batch samples of the shuffled order are left out of this epoch.
+    group_by_length: sort by length within windows of `window` steps, then shuffle the steps, so that
+    the prompts of a micro-batch have similar lengths (less padding) while the epoch stays random.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    order = order[:len(order) // global_batch * global_batch]
+    if group_by_length:
+        span = window * global_batch
+        order = [i for w in range(0, len(order), span) for i in sorted(order[w:w + span], key=lengths.__getitem__)]
+    steps = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
+    if group_by_length:
+        steps = [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
+    return steps
+
+
+def iterate_steps(lengths, global_batch, seed, epochs, start=0, group_by_length=False):
+    """Yield (step number, epoch, sample indices of that step) from optimizer step `start` to the end of
+    training: a resumed run sees exactly the batches an uninterrupted one would have seen."""
+    per_epoch = len(lengths) // global_batch
+    for epoch in range(start // per_epoch, epochs):
+        for i, step in enumerate(step_batches(lengths, global_batch, seed, epoch, group_by_length)):
+            if epoch * per_epoch + i >= start:
+                yield epoch * per_epoch + i, epoch, step
+
+
+def micro_batch(step, batch_size, world_size, rank, micro):
+    """The indices that `rank` trains on in accumulation step `micro` of one optimizer step.
+
+    Laid out so that the same global batch gives the same micro-batches whatever the split into ranks
+    and accumulation steps (1 rank x 2 accumulation steps == 2 ranks x 1).
+    """
+    start = (micro * world_size + rank) * batch_size
+    return step[start:start + batch_size]
+
+
+def sample_length(sample):
+    """Characters of the prompt and longest response: a tokenizer-free proxy for sequence length."""
+    return len(sample["prompt"]) + max(len(r) for r in sample["responses"])
 
 
 # ---- reading --------------------------------------------------------------------------------------------
@@ -255,203 +440,6 @@ def add_responses(samples, extra_path):
             out.append({**s, "responses": s["responses"] + new, "rewards": None})
     print(f"{extra_path}: added responses to {len(out)} of {len(samples)} samples, dropped the rest")
     return out
-
-
-# ---- tokenization -------------------------------------------------------------------------------------------
-
-def check_tokenizer(tokenizer, flag):
-    """What batching needs of a tokenizer: character offsets (a fast tokenizer) and an EOS token."""
-    if not tokenizer.is_fast:
-        raise UserError(f"{flag}: {type(tokenizer).__name__} is not a fast tokenizer; the prompt/response "
-                        "boundary needs its character offsets")
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"{flag}: the tokenizer has no EOS token, which ends every whole response")
-
-
-def special_prefix(tokenizer):
-    """The ids the tokenizer itself puts before a text (add_special_tokens=True): BOS for LLaMA-1/2/3 and
-    Mistral, nothing for Qwen2, GPT-NeoX or SmolLM2, whatever `bos_token` they define. We follow it, not guess."""
-    with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return next(with_specials[:n] for n in range(len(with_specials) - len(plain) + 1)
-                if with_specials[n:n + len(plain)] == plain)
-
-
-_MAX_TOKEN_CHARS = weakref.WeakKeyDictionary()
-
-
-def max_token_chars(tokenizer):
-    """The most characters one token stands for (its vocabulary's longest entry), so text[:n * this] keeps the
-    first n tokens of text: a 30 MB line is cut before it is tokenized, not after."""
-    if tokenizer not in _MAX_TOKEN_CHARS:
-        _MAX_TOKEN_CHARS[tokenizer] = max(map(len, tokenizer.get_vocab()))
-    return _MAX_TOKEN_CHARS[tokenizer]
-
-
-def split_tokens(tokenizer, text, boundary):
-    """The tokenizer's own encoding of `text`, split at character `boundary` by the tokens' character offsets:
-    (the tokens that end before it, the rest). A token that crosses the boundary goes with the rest."""
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ends = [end for _, end in encoded["offset_mapping"]]
-    split = next((n for n, end in enumerate(ends) if end > boundary), len(ends))
-    return encoded["input_ids"][:split], encoded["input_ids"][split:]
-
-
-def encode_prompt(tokenizer, prompt, max_prompt_len):
-    """The prompt as generation starts from it: the tokenizer's special prefix, then the prompt's last tokens,
-    `max_prompt_len` in all (as the authors count), cut from the left so the end of the dialogue survives.
-    Split as in training, from the encoding of prompt + " ": the space that opens the reply is the reply's."""
-    prefix = special_prefix(tokenizer)
-    keep = max_prompt_len - len(prefix)
-    if keep < 1:
-        raise UserError(f"--max-prompt-len {max_prompt_len} leaves no room after {len(prefix)} special tokens")
-    prompt = prompt[-2 * keep * max_token_chars(tokenizer):]     # no need to tokenize what is cut anyway
-    return prefix + split_tokens(tokenizer, prompt + " ", len(prompt))[0][-keep:]
-
-
-def encode_sample(tokenizer, sample, max_len=512, max_prompt_len=384):
-    """-> K rows (prompt ids, response ids), one per candidate.
-
-    Each row is the tokenizer's own encoding of the dialogue text prompt + " " + response, so a byte-level BPE
-    tokenizer (Llama-3, Qwen2, GPT-NeoX) sees ':' 'ĠHello' as in the raw dialogue, not a glued ':' 'Hello'.
-    The prompt part is what `encode_prompt` gives generation, cut from the left to `max_prompt_len`; the
-    response is cut from the right to fit `max_len`, and only a response that fits whole ends with EOS.
-    """
-    prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
-    keep = max_prompt_len - len(prefix)
-    if keep < 1 or max_len - max_prompt_len < 1:
-        raise UserError(f"--max-prompt-len {max_prompt_len} and --max-len {max_len} leave no room for the prompt "
-                        f"after {len(prefix)} special tokens, or for the response")
-    chars = 2 * max_len * max_token_chars(tokenizer)
-    prompt = sample["prompt"][-chars:]
-    rows = []
-    for response in sample["responses"]:
-        prompt_ids, response_ids = split_tokens(tokenizer, prompt + " " + response.strip()[:chars], len(prompt))
-        prompt_ids = prefix + prompt_ids[-keep:]
-        if not prompt_ids:                          # Eq. 3 needs a token before the response to predict it from
-            raise UserError(f"sample {sample.get('id')}: its prompt has no token of its own before the response")
-        room = max_len - len(prompt_ids)
-        response_ids = response_ids + [eos] if len(response_ids) < room else response_ids[:room]
-        rows.append((prompt_ids, response_ids))
-    return rows
-
-
-# ---- batches --------------------------------------------------------------------------------------------------
-
-def pad_id(tokenizer):
-    """Any id works where nothing attends to it; LLaMA's tokenizer has no pad token, so fall back to EOS."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def shared_rows(encoded):
-    """One sample's K (prompt ids, response ids) -> (shared ids, [(candidate ids, own prompt tokens)]).
-    The shared part is the longest run of prompt tokens all K have in common. With a byte-level BPE the last
-    prompt tokens can differ between candidates (a token crossing into the reply is the reply's): they stay
-    in each candidate's own part, before its response."""
-    prompts = [prompt for prompt, _ in encoded]
-    n = 0
-    while n < min(map(len, prompts)) and len({p[n] for p in prompts}) == 1:
-        n += 1
-    return prompts[0][:n], [(prompt[n:] + response, len(prompt) - n) for prompt, response in encoded]
-
-
-def collate(rows, samples, pad_id, share_prompt, multiple=8):
-    """Rows (shared ids, [(candidate ids, own prompt tokens)]) -> the batch, padded on the right to a multiple of 8.
-
-    Every candidate sees the row's shared part and its own earlier tokens, at the positions of a row of its own.
-    For each response token the batch says where the logit that predicts it is (`predict`: row and column),
-    in candidate order, prompt-major (candidate n = b * K + k); `lengths`: response tokens per candidate.
-    """
-    L = -(-max(len(shared) + sum(len(ids) for ids, _ in cands) for shared, cands in rows) // multiple) * multiple
-    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)      # [R, L]
-    positions = torch.zeros(len(rows), L, dtype=torch.long)               # [R, L]
-    sees = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1)         # [R, L, L] padding sees itself alone
-    real = torch.zeros(len(rows), L, dtype=torch.bool)                    # [R, L] not padding
-    predict, targets, lengths, tokens = [], [], [], 0
-    for r, (shared, cands) in enumerate(rows):
-        P = len(shared)
-        input_ids[r, :P], positions[r, :P] = torch.tensor(shared, dtype=torch.long), torch.arange(P)
-        sees[r, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
-        start = P
-        for ids, own_prompt in cands:
-            end = start + len(ids)
-            input_ids[r, start:end] = torch.tensor(ids)
-            positions[r, start:end] = torch.arange(P, P + len(ids))      # as if the candidate had the row alone
-            sees[r, start:end, :P] = True                                 # the shared part...
-            sees[r, start:end, start:end] = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()  # ...and itself
-            for t in range(own_prompt, len(ids)):         # token t is predicted by the one before it
-                predict.append((r, start + t - 1 if t > 0 else P - 1))
-                targets.append(ids[t])
-            lengths.append(len(ids) - own_prompt)
-            tokens += P + len(ids)
-            start = end
-        real[r, :start] = True
-    rows_cols = torch.tensor(predict).T                                   # [2, M]
-    has_rewards = all(s["rewards"] is not None for s in samples)
-    return {"input_ids": input_ids,
-            # [R, 1, L, L] True where a token may attend; one candidate a row: the usual [R, L] padding mask
-            "attention_mask": sees[:, None] if share_prompt else real,
-            "position_ids": positions if share_prompt else None,          # None: 0, 1, 2, ... as usual
-            "predict": (rows_cols[0], rows_cols[1]), "targets": torch.tensor(targets), "lengths": torch.tensor(lengths),
-            "tokens": tokens,                                             # real tokens of the B*K sequences
-            "rewards": torch.tensor([s["rewards"] for s in samples], dtype=torch.float32) if has_rewards else None,
-            "sft_index": torch.tensor([s["sft_index"] for s in samples]),   # [B]
-            "K": len(samples[0]["responses"])}
-
-
-def make_batch(tokenizer, samples, max_len=512, max_prompt_len=384, share_prompt=False):
-    """Samples -> one batch of their B prompts and all K candidates, as train.py, evaluate.py and benchmark.py
-    build it: one row per candidate, or with share_prompt one row per prompt that computes the prompt once."""
-    encoded = [encode_sample(tokenizer, s, max_len, max_prompt_len) for s in samples]
-    rows = [shared_rows(e) for e in encoded] if share_prompt else \
-        [(prompt, [(response, 0)]) for e in encoded for prompt, response in e]
-    return collate(rows, samples, pad_id(tokenizer), share_prompt)
-
-
-# ---- sampling -------------------------------------------------------------------------------------------------
-
-def step_batches(lengths, global_batch, seed, epoch, group_by_length=False, window=32):
-    """Sample indices of each optimizer step in one epoch; the order depends only on (seed, epoch).
-
-    The last len(lengths) % global_batch samples of the shuffled order are left out of this epoch.
-    group_by_length: sort by length within windows of `window` steps, then shuffle the steps, so that
-    the prompts of a micro-batch have similar lengths (less padding) while the epoch stays random.
-    """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist()
-    order = order[:len(order) // global_batch * global_batch]
-    if group_by_length:
-        span = window * global_batch
-        order = [i for w in range(0, len(order), span) for i in sorted(order[w:w + span], key=lengths.__getitem__)]
-    steps = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
-    if group_by_length:
-        steps = [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
-    return steps
-
-
-def iterate_steps(lengths, global_batch, seed, epochs, start=0, group_by_length=False):
-    """Yield (step number, epoch, sample indices of that step) from optimizer step `start` to the end of
-    training: a resumed run sees exactly the batches an uninterrupted one would have seen."""
-    per_epoch = len(lengths) // global_batch
-    for epoch in range(start // per_epoch, epochs):
-        for i, step in enumerate(step_batches(lengths, global_batch, seed, epoch, group_by_length)):
-            if epoch * per_epoch + i >= start:
-                yield epoch * per_epoch + i, epoch, step
-
-
-def micro_batch(step, batch_size, world_size, rank, micro):
-    """The indices that `rank` trains on in accumulation step `micro` of one optimizer step.
-
-    Laid out so that the same global batch gives the same micro-batches whatever the split into ranks
-    and accumulation steps (1 rank x 2 accumulation steps == 2 ranks x 1).
-    """
-    start = (micro * world_size + rank) * batch_size
-    return step[start:start + batch_size]
-
-
-def sample_length(sample):
-    """Characters of the prompt and longest response: a tokenizer-free proxy for sequence length."""
-    return len(sample["prompt"]) + max(len(r) for r in sample["responses"])
 
 
 # ---- command line (plain argparse, so that this file needs no other of ours) ------------------------------------

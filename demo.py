@@ -16,6 +16,7 @@ train.py; (5) evaluate.py on the held-out prompts, before and after, plus the gr
 """
 
 import json
+import math
 import os
 import random
 import time
@@ -134,8 +135,10 @@ TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_att
 # and with a quarter of the labels flipped the best it can say of a better reply is about log(3) ~ 1.1 higher,
 # so 0.5 separates replies of different quality from the equal-quality pairs (the paper's 3.0 suits the
 # OpenAssistant reward model's scale).
-TRAIN = ["--lr", "1e-3", "--epochs", "2", "--batch-size", "8", "--global-batch", "16", "--max-len", "96",
-         "--max-prompt-len", "64", "--reward-gap", "0.5", "--log-every", "50", "--eval-every", "200",
+# It trains until it settles (4 epochs, the learning rate falling to 0), so that the result is the data's and not
+# the rounding's: the same code on AVX2 and AVX-512 kernels lands within the tolerance README.md states.
+TRAIN = ["--lr", "1e-3", "--lr-decay", "--epochs", "4", "--batch-size", "8", "--global-batch", "16", "--max-len",
+         "96", "--max-prompt-len", "64", "--reward-gap", "0.5", "--log-every", "25", "--eval-every", "250",
          "--save-every", "100000", "--no-activation-checkpointing", "--dtype", "float32"]
 VARIANTS = {   # Table 3's rows, and PRO (Eq. 2) as the baseline
     "CLHA": ("train.rm.jsonl", []),
@@ -175,16 +178,30 @@ def prepare(out, n_train, n_test, seed=0):
     if not os.path.exists(os.path.join(rm, "config.json")):
         stage("3a. reward model: Eq. 1 on the noisy human labels")
         rescore.train_reward_model(os.path.join(out, "train.jsonl"), rm, rm_base, dev=os.path.join(out, "dev.jsonl"),
-                                   epochs=2, lr=1e-3, batch_size=32, max_length=128, seed=seed)
+                                   epochs=4, lr=1e-3, batch_size=32, max_length=128, seed=seed, decay=True)
     for name, keep_human_order in (("train.rm.jsonl", False), ("train.human.jsonl", True), ("dev.rm.jsonl", False)):
         path = os.path.join(out, name)
         if not os.path.exists(path):
             stage(f"3b. rescoring {name.split('.')[0]} with the reward model"
                   + (" (human order kept, for 'w/o Rescore')" if keep_human_order else ""))
-            rescore.rescore_file(rm, os.path.join(out, name.split(".")[0] + ".jsonl"), path, keep_human_order,
+            rescore.rescore_file(rm, os.path.join(out, name.split(".")[0] + ".jsonl"), path + ".raw", keep_human_order,
                                  batch_size=64, reward_gap=0.5, max_length=128)
-            center_rewards(path)
+            center_rewards(path, reward_zero(out))
     return base, rm
+
+
+def reward_zero(out):
+    """Eq. 1 fixes rewards only up to a constant, which the noise of training sets: the demo fixes the reward
+    model's zero at its mean score on the training responses, i.e. "better than the average candidate", for
+    the SFT gate ("reward > 0") and for Reward (sigmoid of the score) alike. (OpenAssistant's has a zero of its own.)"""
+    path = os.path.join(out, "rm", "zero.json")
+    if not os.path.exists(path):
+        samples = data.read_samples(os.path.join(out, "train.rm.jsonl.raw"))
+        zero = sum(sum(s["rewards"]) for s in samples) / sum(len(s["rewards"]) for s in samples)
+        with open(path, "w") as f:
+            json.dump({"zero": zero}, f)
+    with open(path) as f:
+        return json.load(f)["zero"]
 
 
 def train_tokenizer(texts, out_dir, vocab_size=1000):
@@ -209,16 +226,13 @@ def train_tokenizer(texts, out_dir, vocab_size=1000):
     return tokenizer
 
 
-def center_rewards(path):
-    """Eq. 1 fixes rewards only up to a constant, but the SFT gate asks "reward > 0": shift them so that 0 is
-    the mean reward of the file's responses, i.e. "better than the average candidate". (The paper's
-    OpenAssistant reward model has a zero point of its own.)"""
-    samples = data.read_samples(path)
-    mean = sum(sum(s["rewards"]) for s in samples) / sum(len(s["rewards"]) for s in samples)
-    samples = [dict(s, rewards=[r - mean for r in s["rewards"]]) for s in samples]
+def center_rewards(path, zero):
+    """The rescored file at path + ".raw", its rewards measured from the reward model's zero (`reward_zero`)."""
+    samples = [dict(s, rewards=[r - zero for r in s["rewards"]]) for s in data.read_samples(path + ".raw")]
     data.write_jsonl(path, samples)
+    os.remove(path + ".raw")
     off = sum(s["rewards"][s["sft_index"]] <= 0 for s in samples) / len(samples)
-    print(f"  rewards centred on their mean {mean:.3f}: SFT target with reward <= 0 now {off:.1%} of samples")
+    print(f"  rewards measured from the zero {zero:.3f}: SFT target with reward <= 0 now {off:.1%} of samples")
 
 
 def train_policy(out, base, name, train_file, flags, seed, max_steps=0):
@@ -236,13 +250,18 @@ def evaluate_policy(out, model, rm, name):
     folder = os.path.join(out, "eval", name.replace(" ", "_").replace("/", ""))
     if not os.path.exists(os.path.join(folder, "results.json")):
         stage(f"5. evaluating {name} with evaluate.py")
+        # float64: greedy choices and scores of the same weights do not depend on the CPU's vector kernels
         evaluate.evaluate(evaluate.Config(model=model, reward_model=rm, data=[os.path.join(out, "test.jsonl")],
-                                          out=folder, batch_size=32, max_new_tokens=48, max_prompt_len=64))
+                                          out=folder, batch_size=32, max_new_tokens=48, max_prompt_len=64,
+                                          dtype="float64"))
     with open(os.path.join(folder, "results.json")) as f:
         total = json.load(f)["Total"]
     with open(os.path.join(folder, "generations.jsonl")) as f:
-        quality = [demo_quality(r["prompt"], r["generation"]) for r in map(json.loads, f)]
-    return {"GT pair acc": total["pair_acc"], "Reward": total["reward"], "BLEU": total["bleu"],
+        records = [json.loads(line) for line in f]
+    quality = [demo_quality(r["prompt"], r["generation"]) for r in records]
+    zero = reward_zero(out)                                   # Reward as Table 2's, from the demo's zero
+    reward = 100 * sum(1 / (1 + math.exp(zero - r["reward"])) for r in records) / len(records)
+    return {"GT pair acc": total["pair_acc"], "Reward": reward, "BLEU": total["bleu"],
             "good replies %": 100 * quality.count(2) / len(quality),
             "harmful/rude %": 100 * quality.count(0) / len(quality),
             "off-template %": 100 * quality.count(None) / len(quality)}
@@ -267,18 +286,40 @@ class Config:
     check_readme: bool = opt(False, "run the demo in a fresh folder and fail if README.md shows another table")
 
 
+TOLERANCE = 2.0   # each number of the demo's table, on any x86 CPU: AVX2 and AVX-512 kernels land <= 1.0 apart
+
+
+def same_table(printed, shown, tolerance=TOLERANCE):
+    """Whether two Markdown tables have the same rows and names, and numbers at most `tolerance` apart."""
+    cells = lambda lines: [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    if len(printed) != len(shown):
+        return False
+    for a, b in zip(cells(printed), cells(shown)):
+        if len(a) != len(b) or a[0] != b[0]:
+            return False
+        for x, y in zip(a[1:], b[1:]):
+            try:
+                if abs(float(x) - float(y)) > tolerance:
+                    return False
+            except ValueError:
+                if x != y:
+                    return False
+    return True
+
+
 def check_readme(readme=os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")):
-    """CI: the table a fresh `python train.py` prints must be the one README.md shows under '==== done in'."""
+    """CI: the table a fresh `python train.py` prints must be, within TOLERANCE, the one README.md shows."""
     import tempfile
     with tempfile.TemporaryDirectory() as folder:
         printed = table(main(["--out", folder])).splitlines()
     with open(readme, encoding="utf-8") as f:
         lines = f.read().split("==== done in", 1)[1].splitlines()[1:]
     shown = lines[:next(i for i, line in enumerate(lines) if not line.startswith("|"))]
-    if printed != shown:
+    if not same_table(printed, shown):
         print("README.md shows:", *shown, sep="\n")
-        raise UserError(f"{readme}: its demo table is not what python train.py prints (above): update it")
-    print(f"{readme}: the demo table is what python train.py prints")
+        raise UserError(f"{readme}: its demo table is not, within {TOLERANCE}, what python train.py prints (above): "
+                        "update it")
+    print(f"{readme}: the demo table is what python train.py prints, within {TOLERANCE}")
 
 
 def main(argv=None):

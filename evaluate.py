@@ -232,7 +232,9 @@ def evaluate(cfg, progress=False):
         shas = {s["id"]: content(s) for s in samples}
         done = checkpoint.read_parts(files, keep=lambda r: r.get("sample_sha256") == shas.get(r["id"]))
         settings_path = os.path.join(cfg.out, "settings.json")
-        if files and os.path.exists(settings_path):
+        if checkpoint.read_parts(files):                              # records made by an earlier run
+            if not os.path.exists(settings_path):
+                raise UserError(f"--out {cfg.out}: its parts have no settings.json to say what made them; delete them")
             checkpoint.check_settings(checkpoint.read_json(settings_path), settings, f"--out {cfg.out}")
         todo = [s for i, s in enumerate(samples) if i % world == rank and s["id"] not in done]
         checkpoint.barrier()                                          # every rank has read before any appends

@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import signal
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,7 @@ class RunLog:
         if self.on and cfg.wandb:
             import wandb
             id_file = os.path.join(cfg.out, "wandb_id")            # a resumed run continues the same W&B run
-            run_id = open(id_file).read() if start and os.path.exists(id_file) else wandb.util.generate_id()
+            run_id = open(id_file).read() if start and os.path.exists(id_file) else uuid.uuid4().hex[:8]
             with open(id_file, "w") as f:
                 f.write(run_id)
             self.wandb = wandb.init(project=cfg.wandb, dir=cfg.out, id=run_id, resume="allow",

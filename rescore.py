@@ -290,10 +290,12 @@ def reward_accuracy(model, tokenizer, format_fn, pairs, batch_size=16, max_lengt
     return sum(c > r for c, r in zip(r_c, r_r)) / len(pairs)
 
 
-def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size=16, max_length=1024, seed=0):
+def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size=16, max_length=1024, seed=0,
+                       decay=False):
     """Eq. 1 on the human-order pairs of `train`, from the HF checkpoint `base`; saved to `out` in HF format.
     batch_size counts sequences per forward as in scoring, so a step trains on batch_size // 2 pairs.
-    Returns the pairwise accuracy on `dev`, or on a held-out 10% of `train` when no dev file is given."""
+    decay: the learning rate falls linearly to 0 over the run, so that training ends settled rather than wherever
+    the last noisy steps left it. Returns the pairwise accuracy on `dev`, or on a held-out 10% of `train`."""
     torch.manual_seed(seed)
     samples = data.read_samples(train)
     if dev:
@@ -310,6 +312,8 @@ def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size
     model = cli.from_pretrained(AutoModelForSequenceClassification, base, "--base", config=config,
                                 dtype=torch.float32).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    steps = epochs * -(-len(pairs) // max(1, batch_size // 2))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: 1 - n / steps if decay else 1.0)
     n_pairs, g = max(1, batch_size // 2), torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         model.train()
@@ -325,6 +329,7 @@ def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            schedule.step()
             if step % 50 == 0:
                 print(f"epoch {epoch} step {step}: loss {loss.item():.4f}")
         model.eval()
@@ -358,27 +363,27 @@ class Config:
     epochs: int = opt(1, "--train-reward-model: passes over the pairs", at_least=1)
     lr: float = opt(1e-5, "--train-reward-model: AdamW learning rate", above=0)
     seed: int = opt(0, "--train-reward-model: seed of the order and the held-out split", at_least=0)
+    lr_decay: bool = opt(False, "--train-reward-model: the learning rate falls linearly to 0 (the demo's)")
 
 
 def main(argv=None):
     cfg = cli.parse(Config, argv, __doc__.split("\n")[0])
-    for name in ("base", "data", "out") if cfg.train_reward_model else ("reward_model", "data", "out"):
+    for name in ("base" if cfg.train_reward_model else "reward_model", "data", "out"):
         if not getattr(cfg, name):
             raise UserError(f"--{name.replace('_', '-')} is required")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(cfg)
+    if not cfg.train_reward_model:
+        return rescore_file(cfg.reward_model, cfg.data, cfg.out, cfg.keep_human_order, cfg.batch_size, cfg.reward_gap,
+                            cfg.max_length, cfg.sft_human_chosen, cfg.dtype)
     for flag, path in (("--data", cfg.data), ("--dev", cfg.dev)):
         if path:
             cli.input_file(path, flag)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(cfg)
-    if cfg.train_reward_model:
-        if cfg.batch_size < 2:
-            raise UserError(f"--batch-size {cfg.batch_size}: training needs at least 2 (one pair)")
-        cli.output_dir(cfg.out, "--out")
-        train_reward_model(cfg.data, cfg.out, cfg.base, cfg.dev or None, cfg.epochs, cfg.lr, cfg.batch_size,
-                           cfg.max_length, cfg.seed)
-    else:
-        rescore_file(cfg.reward_model, cfg.data, cfg.out, cfg.keep_human_order, cfg.batch_size, cfg.reward_gap,
-                     cfg.max_length, cfg.sft_human_chosen, cfg.dtype)
+    if cfg.batch_size < 2:
+        raise UserError(f"--batch-size {cfg.batch_size}: training needs at least 2 (one pair)")
+    cli.output_dir(cfg.out, "--out")
+    train_reward_model(cfg.data, cfg.out, cfg.base, cfg.dev or None, cfg.epochs, cfg.lr, cfg.batch_size,
+                       cfg.max_length, cfg.seed, cfg.lr_decay)
 
 
 if __name__ == "__main__":

@@ -268,6 +268,8 @@ def test_evaluate_mistakes(tiny, tmp_path, capsys):
     one_line_error(capsys, evaluate.main, argv, r"was made with --dtype None, not float32")
     (out / "settings.json").write_text('{"model": ')               # a kill mid-write, before writes were atomic
     one_line_error(capsys, evaluate.main, argv, r"settings.json: not valid JSON")
+    (out / "settings.json").unlink()                           # records, and nothing to say what made them
+    one_line_error(capsys, evaluate.main, argv, r"--out .*eval: its parts have no settings.json to say what made them")
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
@@ -622,3 +624,26 @@ def test_a_full_disk_at_the_export_keeps_the_checkpoints(tiny, finished, tmp_pat
             checkpoint.export_hf(cfg, model, Full(), rank)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_a_checkpoint_of_the_previous_version_resumes(tiny, finished, tmp_path):
+    """meta.json written before --lr-decay and the input fingerprints existed: the flag it lacks had its default,
+    and its --train is compared by path."""
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    shutil.rmtree(out / "final")
+    meta_path = out / "checkpoints" / "step_0000006" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"].pop("lr_decay")
+    meta.pop("inputs")
+    meta_path.write_text(json.dumps(meta))
+    train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)
+
+
+def test_rewards_of_mixed_k_are_left_out_of_a_batch(tokenizer):
+    """evaluate.py mixes test files; a batch may hold K = 2 and K = 3 prompts, whose rewards make no tensor."""
+    a, b = sample("a", rewards=[1.0, 0.0]), sample("b", responses=("Mix.", "No.", "Why?"), rewards=[1.0, 0.0, -1.0])
+    batch = data.make_batch(tokenizer, [a, b], 64, 32, share_prompt=True)
+    assert batch["rewards"] is None and batch["lengths"].shape == (5,)

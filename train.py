@@ -9,7 +9,8 @@ Prints the config, a progress bar, and every --log-every steps a line of metrics
 with --tensorboard / --wandb in those; see logs.py). Writes sharded, resumable checkpoints to
 OUT/checkpoints/step_N (--resume continues the newest complete one, or starts if there is none) and, at the
 end, a consolidated Hugging Face checkpoint to OUT/final (checkpoint.py). SIGTERM or SIGINT (a preemption,
-Ctrl-C) finishes the step in flight, saves it, and exits with status 128 + the signal's number.
+Ctrl-C) finishes the step in flight, saves it and exits with status 128 + the signal's number; give it the time
+(torchrun --shutdown-timeout, 30 s by default, before torchrun's SIGKILL; README: "When things go wrong").
 
 Each optimizer step: every prompt with its K candidates (best first, as rescore.py ranked them) goes through the
 policy once; Eq. 3 gives each candidate's mean log-prob p_i; Eqs. 4-6 push better candidates above worse ones by
@@ -70,8 +71,9 @@ class Config:
                                        "numbers, fewer FLOPs); --no-share-prompt: one row per candidate")
     epochs: int = opt(2, "passes over the training data", at_least=1)
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = all epochs)", at_least=0)
-    lr: float = opt(5e-6, "AdamW learning rate, constant after warmup", above=0)
+    lr: float = opt(5e-6, "AdamW learning rate, constant after warmup (as the paper)", above=0)
     warmup_steps: int = opt(0, "linear warmup steps (the authors use none)", at_least=0)
+    lr_decay: bool = opt(False, "let the learning rate fall linearly to 0 over the epochs (the demo's)")
     weight_decay: float = opt(0.01, "AdamW weight decay (torch's default, as in the authors' AdamW(params, lr))",
                                   at_least=0)
     clip: float = opt(1.0, "clip the global gradient norm to this", above=0)
@@ -252,7 +254,7 @@ def validate(cfg, model, samples, tokenizer, rank, world, device):
         meter.add(objective(cfg, model, batch, device)[1], tokens=0, prompts=len(chunk))
     model.train()
     meter.step(device)
-    return meter.result()
+    return {k: v for k, v in meter.result().items() if k != "tokens"}
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
@@ -298,50 +300,57 @@ def train(cfg, rank, world, device, log):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     start = checkpoint.load(resume_from, model, optimizer, rank) if resume_from else 0
 
-    # training loop
-    meter = logs.Meter()
+    # training loop: one optimizer step, then the step's one all-reduce (its metrics, and whether any rank was
+    # told to stop: then all stop here), then logging, validation and checkpoints as they fall due
+    meter, schedule = logs.Meter(), len(samples) // cfg.global_batch * cfg.epochs
     with logs.RunLog(cfg, rank, total, start) as run_log, Preemption() as preemption:
         for step, epoch, indices in data.iterate_steps(lengths, cfg.global_batch, cfg.seed, cfg.epochs, start,
                                                        cfg.group_by_length):
             if step >= total:                                          # --max-steps, or resumed at the end
                 break
             clock = time.perf_counter()
-            for micro in range(accumulation):
-                chunk = [samples[i] for i in data.micro_batch(indices, cfg.batch_size, world, rank, micro)]
-                batch = data.make_batch(tokenizer, chunk, cfg.max_len, cfg.max_prompt_len, cfg.share_prompt)
-                loss, metrics = objective(cfg, model, batch, device)
-                # FSDP2 reduce-scatters (averages over ranks) after every backward, so the sharded fp32 gradients
-                # accumulate here. Skipping that sync would keep a whole unsharded gradient on every rank, in
-                # reduce_dtype (fp32: 27 GB for LLaMA-7B), to save one reduce-scatter per micro-batch.
-                (loss / accumulation).backward()
-                meter.add(metrics, batch["tokens"], len(chunk))
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)   # global, across shards
-            lr = cfg.lr * min(1.0, (step + 1) / (cfg.warmup_steps + 1))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            # the step's one all-reduce: its metrics, and whether any rank was told to stop (then all stop here)
-            stop = meter.step(device, time.perf_counter() - clock, preemption.signal)
-
-            # logging, validation, checkpoints
+            lr = cfg.lr * min(1.0, (step + 1) / (cfg.warmup_steps + 1)) * (1 - step / schedule if cfg.lr_decay else 1)
+            chunks = [[samples[i] for i in data.micro_batch(indices, cfg.batch_size, world, rank, micro)]
+                      for micro in range(accumulation)]
+            batches = [data.make_batch(tokenizer, c, cfg.max_len, cfg.max_prompt_len, cfg.share_prompt) for c in chunks]
+            grad_norm = optimizer_step(cfg, model, optimizer, batches, lr, meter, device)
+            stop, done = meter.step(device, time.perf_counter() - clock, preemption.signal), step + 1
             if done % cfg.log_every == 0 or done == total or stop:
                 run_log.write(logs.train_record(done, epoch, meter, lr, grad_norm, device))
-            if dev and (done % cfg.eval_every == 0 or done == total):
+            if dev and (done % cfg.eval_every == 0 or done == total) and not stop:   # a stop saves at once
                 run_log.write({"step": done, "split": "dev", **validate(cfg, model, dev, tokenizer, rank, world,
                                                                          device)})
             if done % cfg.save_every == 0 or done == total or stop:
                 checkpoint.save(cfg, model, optimizer, done, rank, world, inputs)
             run_log.advance()
             if stop:
-                if rank == 0:
-                    print(f"stopped by {signal.Signals(stop).name}: saved step {done}; rerun with --resume",
-                          file=sys.stderr, flush=True)
+                print(f"stopped by {signal.Signals(stop).name}: saved step {done}; rerun with --resume",
+                      file=sys.stderr, flush=True) if rank == 0 else None
                 raise SystemExit(128 + stop)
+    if preemption.signal:                 # it came after the last step's vote: that step is saved, not exported
+        print(f"stopped by {signal.Signals(preemption.signal).name} after the last step, which is saved; rerun "
+              "with --resume to export it", file=sys.stderr, flush=True) if rank == 0 else None
+        raise SystemExit(128 + preemption.signal)
 
     # teardown: one consolidated Hugging Face checkpoint
     checkpoint.export_hf(cfg, model, tokenizer, rank)
+
+
+def optimizer_step(cfg, model, optimizer, batches, lr, meter, device):
+    """This rank's micro-batches of one optimizer step: Eq. 7 on each, gradients accumulated, clipped, AdamW."""
+    for batch in batches:
+        loss, metrics = objective(cfg, model, batch, device)
+        # FSDP2 reduce-scatters (averages over ranks) after every backward, so the sharded fp32 gradients
+        # accumulate here. Skipping that sync would keep a whole unsharded gradient on every rank, in
+        # reduce_dtype (fp32: 27 GB for LLaMA-7B), to save one reduce-scatter per micro-batch.
+        (loss / len(batches)).backward()
+        meter.add(metrics, batch["tokens"], len(batch["sft_index"]))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)     # global, across the shards
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 class Preemption:
@@ -356,6 +365,8 @@ class Preemption:
         return self
 
     def handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signal:     # Ctrl-C twice: stop now (SIGTERM may come twice, from
+            signal.default_int_handler(signum, frame)   # the scheduler and from torchrun, and must not)
         self.signal = self.signal or signum
 
     def __exit__(self, *exc):
