@@ -146,8 +146,7 @@ def step_batches(cfg, config, rank):
 
 
 class PeakRSS:
-    """Peak resident memory of this process since start(), sampled every millisecond (CPU runs): ru_maxrss cannot
-    be reset, and would report the model loading rather than the training steps."""
+    """Peak resident memory since start(), sampled every millisecond (CPU runs): ru_maxrss reports the loading."""
     def start(self):
         self.peak, self.running = 0, True
         threading.Thread(target=self._sample, daemon=True).start()
@@ -236,15 +235,16 @@ def run_in_subprocess(argv):
 
 def table(results):
     """Markdown: one row per result, then the ratios of each variant to the others of the same setting."""
-    lines = ["| arch | variant | setting | steps/s | tokens/s per GPU | step (s) | MFU | peak memory (GB) | reserved (GB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    setting = lambda r: ", ".join(["AC" if r["activation_checkpointing"] else "no AC"] + ["CPU offload"] *
-                                  r["cpu_offload"] + ["compile"] * r["compile"]) + f", B {r['B']} x K {r['K']} x T {r['T']}"
+    lines = ["| arch | variant | setting | steps/s | tokens/s per GPU | step (s) | MFU | peak memory (GB) | "
+             "reserved (GB) |", "|---|---|---|---|---|---|---|---|---|"]
+    setting = lambda r: ", ".join(["AC" if r["activation_checkpointing"] else "no AC"] + ["CPU offload"] * r[
+        "cpu_offload"] + ["compile"] * r["compile"] + [f"B {r['B']} x K {r['K']} x T {r['T']}"])
     for r in results:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
         reserved = f"{r['reserved_gb']:.2f}" if "reserved_gb" in r else "n/a"      # a CPU's is its RSS
         lines.append(f"| {r['arch']} | {r['variant']} | {setting(r)} | {r['steps_per_s']:.3f} | "
-                     f"{r['tokens_per_s_per_gpu']:.0f} | {r['step_s']:.3f} | {mfu} | {r['peak_mem_gb']:.2f} | {reserved} |")
+                     f"{r['tokens_per_s_per_gpu']:.0f} | {r['step_s']:.3f} | {mfu} | {r['peak_mem_gb']:.2f} | "
+                     f"{reserved} |")
     same = lambda a, b: (a["arch"], setting(a)) == (b["arch"], setting(b))
     for a, b in (("clha", "clha_rows"), ("clha", "lm"), ("clha_rows", "lm")):
         for x in (r for r in results if r["variant"] == a):
@@ -269,10 +269,24 @@ def steps(cfg, argv):
             argv = argv + ["--tokenizer", folder]
         elif cfg.lengths and not cfg.tokenizer:
             argv = argv + ["--tokenizer", cfg.model]
+        if cfg.lengths:
+            lengths_report(cfg, AutoTokenizer.from_pretrained(argv[argv.index("--tokenizer") + 1]))
         results = [run_in_subprocess(argv + ["--variant", variant]) for variant in VARIANTS]
     print(environment())
     print(table(results))
     return results
+
+
+def lengths_report(cfg, tokenizer):
+    """The file's own lengths, exactly: what each layout computes per prompt, all of it (the timed steps draw some)."""
+    samples = data.read_samples(cfg.lengths)
+    encoded = [data.encode_sample(tokenizer, s, cfg.max_len, cfg.max_len * 3 // 4) for s in samples]
+    rows = sum(len(p) + len(r) for e in encoded for p, r in e) / len(encoded)
+    shared = sum(len(p) + sum(len(c) for c, _ in cands) for p, cands in map(data.shared_rows, encoded)) / len(encoded)
+    prompt, reply = (sum(len(x[i]) for e in encoded for x in e) / sum(map(len, encoded)) for i in (0, 1))
+    print(f"{cfg.lengths}: {len(samples)} prompts of {prompt:.0f} tokens on average and replies of {reply:.0f}; a step "
+          f"computes {rows:.0f} tokens per prompt in one row per candidate, {shared:.0f} in one row per prompt: "
+          f"{rows / shared:.2f}x", flush=True)
 
 
 @torch.inference_mode()
@@ -311,26 +325,26 @@ def bookkeeping(n):
         turn = "\n\nHuman: " + "How do I make a good cup of tea at home? " * 6 + "\n\nAssistant:"
         data.write_jsonl(path, [{"id": f"s{i}", "prompt": turn * 2, "responses": ["Boil water. " * 9, "No. " * 25],
                                  "rewards": None, "sft_index": 0} for i in range(n)])
-        scored = []
+        scored, seconds = [], []
 
         def constant(prompts, responses, stop_at=None):
             scored.append(len(responses))
             if stop_at is not None and sum(scored) >= stop_at:
                 raise KeyboardInterrupt                            # a kill, half way through
             return [0.5] * len(responses)
-        start = time.perf_counter()
-        rescore.rescore_file("none", path, out, score_fn=constant)
-        fresh = time.perf_counter() - start
-        os.remove(out)
-        try:
-            rescore.rescore_file("none", path, out, score_fn=lambda p, r: constant(p, r, stop_at=2 * n))
-        except KeyboardInterrupt:
-            pass
-        start = time.perf_counter()
-        rescore.rescore_file("none", path, out, score_fn=constant)
-        resumed = time.perf_counter() - start
-    print(f"rescore.py bookkeeping for {n} samples: {fresh:.1f} s fresh, {resumed:.1f} s resumed from half done")
-    return fresh, resumed
+        for kill in (False, True):
+            if kill:
+                os.remove(out)
+                try:
+                    rescore.rescore_file("none", path, out, score_fn=lambda p, r: constant(p, r, stop_at=2 * n))
+                except KeyboardInterrupt:
+                    pass
+            start = time.perf_counter()
+            rescore.rescore_file("none", path, out, score_fn=constant)
+            seconds.append(time.perf_counter() - start)
+    print(f"rescore.py bookkeeping for {n} samples: {seconds[0]:.1f} s fresh, {seconds[1]:.1f} s resumed from half "
+          "done")
+    return seconds
 
 
 def suite(cfg):

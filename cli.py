@@ -112,11 +112,11 @@ def looks_local(path):
 
 
 def checkpoint_dir(path, flag, tokenizer=False):
-    """Refuse, before anything loads, a local checkpoint that is no folder, has no config.json, or (tokenizer=True)
-    no tokenizer files."""
+    """Refuse, before anything loads, a local checkpoint that is no folder, or has no config.json (a model) or no
+    tokenizer files (tokenizer=True)."""
     if looks_local(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path}: no such folder (a checkpoint folder, or a hub id such as owner/name)")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+    if not tokenizer and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"{flag} {path}: no config.json in this folder, so no checkpoint")
     if tokenizer and os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         raise UserError(f"{flag} {path}: no tokenizer in this folder (none of {', '.join(TOKENIZER_FILES)})")

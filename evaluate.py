@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-import checkpoint
+import outputs
 import cli
 import rescore
 from cli import opt
@@ -182,7 +182,7 @@ def read_test_files(paths, check=None):
 
 
 def content(sample):
-    """What a record was made from, the SHA-256 of the sample's prompt, responses and subset: a changed one is redone."""
+    """What a record was made from: the SHA-256 of its sample's prompt, responses and subset (a change redoes it)."""
     used = [sample["prompt"], sample["responses"], sample["subset"]]
     return hashlib.sha256(json.dumps(used, ensure_ascii=False).encode()).hexdigest()
 
@@ -198,7 +198,7 @@ def run_share(todo, cfg, part, progress):
     if cfg.share_prompt:
         check_shared_layout(policy.config, cfg.max_prompt_len + cfg.max_new_tokens)
     rm, rm_tokenizer, format_fn = rescore.load_reward_model(cfg.reward_model, device, cfg.dtype)
-    with checkpoint.appending(part, "the prompts evaluated so far") as write:
+    with outputs.appending(part, "the prompts evaluated so far") as write:
         for idx, texts in generate_batches(policy, tokenizer, [s["prompt"] for s in todo], cfg.max_new_tokens,
                                            cfg.max_prompt_len, cfg.batch_size, progress):
             chunk = [todo[i] for i in idx]
@@ -206,11 +206,12 @@ def run_share(todo, cfg, part, progress):
             # teacher forcing within the generation's budget: 384 + 128 = the 512-token block of training
             hits = pair_counts(policy, tokenizer, chunk, cfg.batch_size, cfg.max_prompt_len + cfg.max_new_tokens,
                                cfg.max_prompt_len, cfg.share_prompt)
-            write([json.dumps({"id": s["id"], "sample_sha256": content(s), "subset": s["subset"], "prompt": s["prompt"],
-                               "generation": text, "reference": s["responses"][0].strip(), "reward": reward,
-                               "bleu": sentence_bleu(text, s["responses"][0].strip()), "pairs_correct": correct,
-                               "pairs": len(s["responses"]) * (len(s["responses"]) - 1) // 2},
-                              ensure_ascii=False) + "\n" for s, text, reward, correct in zip(chunk, texts, rewards, hits)])
+            records = [{"id": s["id"], "sample_sha256": content(s), "subset": s["subset"], "prompt": s["prompt"],
+                        "generation": text, "reference": s["responses"][0].strip(), "reward": reward,
+                        "bleu": sentence_bleu(text, s["responses"][0].strip()), "pairs_correct": correct,
+                        "pairs": len(s["responses"]) * (len(s["responses"]) - 1) // 2}
+                       for s, text, reward, correct in zip(chunk, texts, rewards, hits)]
+            write([json.dumps(r, ensure_ascii=False) + "\n" for r in records])
 
 
 def evaluate(cfg, progress=False):
@@ -221,40 +222,40 @@ def evaluate(cfg, progress=False):
     parts = os.path.join(cfg.out, "parts")
     cli.output_dir(cfg.out, "--out")
     os.makedirs(parts, exist_ok=True)
-    with checkpoint.ranks() as (rank, world), checkpoint.lock(os.path.join(cfg.out, ".lock"), "--out", cfg.out):
+    with outputs.ranks() as (rank, world), outputs.lock(os.path.join(cfg.out, ".lock"), "--out", cfg.out):
         # the data, each prompt checked against the reward model's input format before anything loads
         format_fn = rescore.reward_format(cfg.reward_model)[2]
         samples = read_test_files(cfg.data, check=lambda s: format_fn(s["prompt"], s["responses"][0]))
-        settings = {"--model": checkpoint.fingerprint(cfg.model), "--reward-model": checkpoint.fingerprint(
+        settings = {"--model": outputs.fingerprint(cfg.model), "--reward-model": outputs.fingerprint(
             cfg.reward_model), "--max-new-tokens": cfg.max_new_tokens, "--max-prompt-len": cfg.max_prompt_len,
             "--dtype": cfg.dtype}
         files = sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
         shas = {s["id"]: content(s) for s in samples}
-        done = checkpoint.read_parts(files, keep=lambda r: r.get("sample_sha256") == shas.get(r["id"]))
+        done = outputs.read_parts(files, keep=lambda r: r.get("sample_sha256") == shas.get(r["id"]))
         settings_path = os.path.join(cfg.out, "settings.json")
-        if checkpoint.read_parts(files):                              # records made by an earlier run
+        if outputs.read_parts(files):                              # records made by an earlier run
             if not os.path.exists(settings_path):
                 raise UserError(f"--out {cfg.out}: its parts have no settings.json to say what made them; delete them")
-            checkpoint.check_settings(checkpoint.read_json(settings_path), settings, f"--out {cfg.out}")
+            outputs.check_settings(outputs.read_json(settings_path), settings, f"--out {cfg.out}")
         todo = [s for i, s in enumerate(samples) if i % world == rank and s["id"] not in done]
-        checkpoint.barrier()                                          # every rank has read before any appends
+        outputs.barrier()                                          # every rank has read before any appends
         if rank == 0:
-            checkpoint.write_json(settings_path, settings)
+            outputs.write_json(settings_path, settings)
 
         # this rank's share: a full copy of the policy and the reward model, loaded only if work is left
         if todo:
             run_share(todo, cfg, os.path.join(parts, f"rank{rank}.jsonl"), progress and rank == 0)
-        checkpoint.barrier()
+        outputs.barrier()
         if rank != 0:
             return None
 
         # merge the parts in input order, and write the results
         files = sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
-        found = checkpoint.read_parts(files, keep=lambda r: r.get("sample_sha256") == shas.get(r["id"]))
+        found = outputs.read_parts(files, keep=lambda r: r.get("sample_sha256") == shas.get(r["id"]))
         records = [found[s["id"]] for s in samples]
         write_jsonl(os.path.join(cfg.out, "generations.jsonl"), records)
         results = summarize(records, list(dict.fromkeys(s["subset"] for s in samples)))
-        checkpoint.write_json(os.path.join(cfg.out, "results.json"), results)
+        outputs.write_json(os.path.join(cfg.out, "results.json"), results)
         with open(os.path.join(cfg.out, "table.md"), "w") as f:
             f.write(format_table([(os.path.basename(os.path.normpath(cfg.out)), results)]))
         return results
@@ -263,8 +264,8 @@ def evaluate(cfg, progress=False):
 @dataclass
 class Config:
     model: str = opt("", "policy checkpoint: folder or hub id with model and tokenizer")
-    reward_model: str = opt("", "reward model, loaded by rescore.py (e.g. OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1, "
-                                "the paper's RM_eval)")
+    reward_model: str = opt("", "reward model, loaded by rescore.py (e.g. OpenAssistant/oasst-rm-2-pythia-6.9b-"
+                                "epoch-1, the paper's RM_eval)")
     data: list[str] = opt(None, "test sample files, one per subset", nargs="+")
     out: str = opt("", "output folder; an existing one is resumed")
     batch_size: int = opt(8, "prompts per batch", at_least=1)
@@ -284,7 +285,7 @@ def main(argv=None):
         runs = []
         for d in cfg.compare:
             cli.input_file(os.path.join(d, "results.json"), "--compare")
-            runs.append((os.path.normpath(d), checkpoint.read_json(os.path.join(d, "results.json"))))
+            runs.append((os.path.normpath(d), outputs.read_json(os.path.join(d, "results.json"))))
         print(format_table(runs), end="")
         return
     missing = [f"--{k.replace('_', '-')}" for k in ("model", "reward_model", "data", "out") if not getattr(cfg, k)]
@@ -292,8 +293,9 @@ def main(argv=None):
         raise UserError(f"{', '.join(missing)} required (or --compare DIR...)")
     for path in cfg.data:
         cli.input_file(path, "--data")
-    cli.checkpoint_dir(cfg.model, "--model", tokenizer=True)
-    cli.checkpoint_dir(cfg.reward_model, "--reward-model", tokenizer=True)
+    for flag, path in (("--model", cfg.model), ("--reward-model", cfg.reward_model)):
+        cli.checkpoint_dir(path, flag)
+        cli.checkpoint_dir(path, flag, tokenizer=True)
     if "RANK" in os.environ and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if int(os.environ.get("RANK", 0)) == 0:

@@ -15,6 +15,7 @@ WANDB_MODE=offline); each library is imported only when its flag is given. The s
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 import resource
@@ -171,14 +172,17 @@ def plot(runs, out, names=None):
         for ax, key in zip(axes.flat, SIGNALS):
             if key == "logp_rank":
                 for k, line in enumerate(zip(*[r["logp_rank"] for r in records])):
-                    ax.plot(steps, line, colour, linestyle="-" if k == 0 else "--", label=f"{name}, rank {k}")
+                    ax.plot(steps, line, colour, linestyle="-" if k == 0 else "--")
             else:
                 ax.plot(steps, [r[key] for r in records], colour, label=name)
             ax.set_title(key)
             ax.set_xlabel("optimizer step")
-    axes.flat[-2].legend(fontsize=7)
+    from matplotlib.lines import Line2D
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    handles += [Line2D([], [], color="k"), Line2D([], [], color="k", linestyle="--")]
+    labels += ["logp_rank: the best candidate", "logp_rank: the worse ones"]
     axes.flat[-1].axis("off")
-    axes.flat[-1].legend(*axes.flat[0].get_legend_handles_labels(), loc="center", title="runs")
+    axes.flat[-1].legend(handles, labels, loc="center", title="runs")
     fig.savefig(out, dpi=80)
     print(f"wrote {out}: {len(runs)} runs, {len(SIGNALS)} signals")
 
@@ -196,10 +200,8 @@ def main(argv=None):
         raise UserError("give --plot RUN [RUN ...], e.g. python logs.py --plot runs/clha runs/pro --out curves.png")
     if cfg.names and len(cfg.names) != len(cfg.plot):
         raise UserError(f"--names: {len(cfg.names)} names for {len(cfg.plot)} runs")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plot needs matplotlib: pip install matplotlib")
     plot(cfg.plot, cfg.out, cfg.names)
 
 

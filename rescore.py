@@ -36,7 +36,7 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
                           GPTNeoXModel, GPTNeoXPreTrainedModel)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-import checkpoint
+import outputs
 import cli
 import data
 from cli import opt
@@ -114,7 +114,8 @@ def reward_format(path, flag="--reward-model", **config_kwargs):
     tokenizer = cli.from_pretrained(AutoTokenizer, path, flag)
     oa = config.model_type == "gpt_neox_reward_model"        # one output, pooled by the attention mask
     if not oa and config.num_labels != 1:
-        raise UserError(f"{flag} {path}: the model has {config.num_labels} outputs (num_labels); a reward model has one")
+        raise UserError(f"{flag} {path}: the model has {config.num_labels} outputs (num_labels); a reward model has "
+                        "one")
     if tokenizer.pad_token is None:     # many causal LMs ship without one; with right padding EOS is safe
         if tokenizer.eos_token is None:
             raise UserError(f"{flag} {path}: its tokenizer has neither a pad nor an EOS token to pad a batch with; "
@@ -201,16 +202,16 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
     cli.output_dir(os.path.dirname(os.path.abspath(out)), "--out")
     if score_fn is None:
         cli.checkpoint_dir(reward_model, "--reward-model")
-    with checkpoint.ranks() as (rank, world), checkpoint.lock(out + ".lock", "--out", out):
+    with outputs.ranks() as (rank, world), outputs.lock(out + ".lock", "--out", out):
         # the data, each prompt checked against the reward model's input format before its weights load
         format_fn = reward_format(reward_model)[2] if score_fn is None else lambda prompt, response: ""
         samples = data.read_samples(data_path, check=lambda s: [format_fn(s["prompt"], r) for r in s["responses"]])
-        settings = {"--reward-model": checkpoint.fingerprint(reward_model), "--data": checkpoint.fingerprint(data_path),
+        settings = {"--reward-model": outputs.fingerprint(reward_model), "--data": outputs.fingerprint(data_path),
                     "--max-length": max_length, "--dtype": dtype}
         done = finished(out, settings, {s["id"]: len(s["responses"]) for s in samples})
-        checkpoint.barrier()                                       # every rank has read before any appends
+        outputs.barrier()                                       # every rank has read before any appends
         if rank == 0:
-            checkpoint.write_json(out + ".settings.json", settings)
+            outputs.write_json(out + ".settings.json", settings)
 
         # this rank's unfinished share, a chunk at a time: enough rows for length-sorted batches
         share = [s for i, s in enumerate(samples) if i % world == rank]
@@ -221,7 +222,7 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
             score_fn = lambda prompts, responses: score(model, tokenizer, format_fn, prompts, responses, batch_size,
                                                         max_length)
         chunk = max(1, batch_size * 16 // len(samples[0]["responses"]))
-        with checkpoint.appending(f"{out}.part{rank}", "the samples scored so far") as write, \
+        with outputs.appending(f"{out}.part{rank}", "the samples scored so far") as write, \
                 tqdm(total=len(share), initial=len(share) - len(todo), desc=f"rescoring {data_path}",
                      disable=rank != 0 or not todo) as bar:
             for start in range(0, len(todo), chunk):
@@ -230,19 +231,19 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
                 write([json.dumps({"id": s["id"], "rewards": [next(rewards) for _ in s["responses"]]}) + "\n"
                        for s in batch])                            # a kill loses at most the chunk in hand
                 bar.update(len(batch))
-        checkpoint.barrier()
+        outputs.barrier()
         return merge(out, samples, keep_human_order, sft_human_chosen, reward_gap) if rank == 0 else None
 
 
 def finished(out, settings, K):
     """{id: rewards} that earlier runs on `out` finished, if they had the same settings and input."""
     parts = sorted(glob.glob(glob.escape(out) + ".part*"))
-    done = {id_: r["rewards"] for id_, r in checkpoint.read_parts(parts).items()}
+    done = {id_: r["rewards"] for id_, r in outputs.read_parts(parts).items()}
     if not done:
         return done
     if not os.path.exists(out + ".settings.json"):
         raise UserError(f"--out {out}: its part files have no {out}.settings.json to say what made them; delete them")
-    checkpoint.check_settings(checkpoint.read_json(out + ".settings.json"), settings, f"--out {out} (its part files)")
+    outputs.check_settings(outputs.read_json(out + ".settings.json"), settings, f"--out {out} (its part files)")
     for id_, rewards in done.items():
         if K.get(id_) != len(rewards):
             raise UserError(f"--out {out}: id {id_!r} with {len(rewards)} rewards in its part files is not in the "
@@ -253,7 +254,7 @@ def finished(out, settings, K):
 def merge(out, samples, keep_human_order, sft_human_chosen, reward_gap):
     """Rank 0, once every rank is done: one output in input order, written atomically; then the parts go."""
     parts = glob.glob(glob.escape(out) + ".part*")
-    done = {id_: r["rewards"] for id_, r in checkpoint.read_parts(sorted(parts)).items()}
+    done = {id_: r["rewards"] for id_, r in outputs.read_parts(sorted(parts)).items()}
     missing = [s["id"] for s in samples if s["id"] not in done]
     if missing:
         raise RuntimeError(f"{len(missing)} samples were not scored, e.g. {missing[0]!r}")

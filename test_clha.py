@@ -25,6 +25,7 @@ from transformers import GPTNeoXConfig, GPTNeoXModel, LlamaConfig, LlamaForCausa
 
 import benchmark
 import checkpoint
+import outputs
 import clha_loss
 import cli
 import data
@@ -719,8 +720,8 @@ def test_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(cli.UserError, match=r"in.jsonl:2"):
         rescore_()
     data.write_jsonl(str(tmp_path / "in.jsonl"), [rm_sample("x", ["a", "b"]), rm_sample("y", ["a", "b"])])
-    settings = {"--reward-model": checkpoint.fingerprint("fake"),
-                "--data": checkpoint.fingerprint(str(tmp_path / "in.jsonl")), "--max-length": 1024, "--dtype": "float32"}
+    settings = {"--reward-model": outputs.fingerprint("fake"),
+                "--data": outputs.fingerprint(str(tmp_path / "in.jsonl")), "--max-length": 1024, "--dtype": "float32"}
     (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(settings))
     (tmp_path / "out.jsonl.part0").write_text('{"id": "x", "rewards": [1.0, 0.0]}\nnot json\n{"id": "y"')
     with pytest.raises(cli.UserError, match=r"out.jsonl.part0:2"):
@@ -981,9 +982,9 @@ def test_summarize_and_table_hand_computed(tmp_path):
     assert table[2] == "| run | 30.00 | 62.50 | 0.00 | 25.00 | 20.00 | 50.00 |"
     (tmp_path / "rank0.jsonl").write_text('{"id": "a"}\n{"id": \n{"id": "c"}\n{"id": "d", "to')
     with pytest.raises(ValueError, match="rank0.jsonl:2"):                     # a broken line before the last
-        checkpoint.read_parts([str(tmp_path / "rank0.jsonl")])
+        outputs.read_parts([str(tmp_path / "rank0.jsonl")])
     (tmp_path / "rank0.jsonl").write_text('{"id": "a"}\n{"id": "c"}\n{"id": "d", "to')
-    assert list(checkpoint.read_parts([str(tmp_path / "rank0.jsonl")])) == ["a", "c"]   # a torn last line is skipped
+    assert list(outputs.read_parts([str(tmp_path / "rank0.jsonl")])) == ["a", "c"]   # a torn last line is skipped
 
 
 # ---- the whole protocol ------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import outputs
 import cli
 import data
 import evaluate
@@ -258,13 +259,13 @@ def test_evaluate_mistakes(tiny, tmp_path, capsys):
                                            tiny["dev"], "--out", str(out)], r"--model ./nomodel: no such folder")
     # records made by another run: its settings must be these
     (out / "parts" / "rank0.jsonl").write_text(json.dumps({"id": "x", "sample_sha256": "0"}) + "\n")
-    settings = {"--model": {"path": "/other/model", "sha256": None}, "--reward-model": checkpoint.fingerprint(str(rm)),
+    settings = {"--model": {"path": "/other/model", "sha256": None}, "--reward-model": outputs.fingerprint(str(rm)),
                 "--max-new-tokens": 128, "--max-prompt-len": 384, "--dtype": "float32"}
     (out / "settings.json").write_text(json.dumps(settings))
     argv = ["--model", tiny["base"], "--reward-model", str(rm), "--data", tiny["dev"], "--out", str(out)]
     one_line_error(capsys, evaluate.main, argv, r"--out .*eval was made with --model /other/model, not .*base; rerun")
     settings.pop("--dtype")                                    # written by a version before --dtype
-    (out / "settings.json").write_text(json.dumps(dict(settings, **{"--model": checkpoint.fingerprint(tiny["base"])})))
+    (out / "settings.json").write_text(json.dumps(dict(settings, **{"--model": outputs.fingerprint(tiny["base"])})))
     one_line_error(capsys, evaluate.main, argv, r"was made with --dtype None, not float32")
     (out / "settings.json").write_text('{"model": ')               # a kill mid-write, before writes were atomic
     one_line_error(capsys, evaluate.main, argv, r"settings.json: not valid JSON")
@@ -368,14 +369,14 @@ def test_a_second_run_on_the_same_out_is_refused_and_writes_nothing(tiny, tmp_pa
     line naming the output, before reading or writing anything."""
     path, out = str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")
     data.write_jsonl(path, [sample(f"s{n}") for n in range(5)])
-    with checkpoint.lock(out + ".lock", "--out", out):           # the first run, still working
+    with outputs.lock(out + ".lock", "--out", out):           # the first run, still working
         run = subprocess.run([sys.executable, "rescore.py", "--reward-model", tiny["base"], "--data", path, "--out",
                               out], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and run.stderr == (f"error: --out {out}: another run is writing it now (it holds "
                                                       f"{out}.lock); wait for it, or choose another --out\n")
         assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl.lock"]          # no parts, no settings
         (tmp_path / "run").mkdir()
-        with checkpoint.lock(str(tmp_path / "run" / ".lock"), "--out", str(tmp_path / "run")):
+        with outputs.lock(str(tmp_path / "run" / ".lock"), "--out", str(tmp_path / "run")):
             one_line_error(capsys, train.main, train_args(tiny, tmp_path / "run"), r"--out .*run: another run is "
                                                                                    r"writing it now")
             assert os.listdir(tmp_path / "run") == [".lock"]                       # nothing but the holder's lock
@@ -647,3 +648,15 @@ def test_rewards_of_mixed_k_are_left_out_of_a_batch(tokenizer):
     a, b = sample("a", rewards=[1.0, 0.0]), sample("b", responses=("Mix.", "No.", "Why?"), rewards=[1.0, 0.0, -1.0])
     batch = data.make_batch(tokenizer, [a, b], 64, 32, share_prompt=True)
     assert batch["rewards"] is None and batch["lengths"].shape == (5,)
+
+
+def test_a_tokenizer_folder_needs_no_config(tokenizer, tmp_path, capsys):
+    """--tokenizer (train.py) and --padding's --model (benchmark.py) may name a folder that holds only a tokenizer;
+    a model folder needs its config.json."""
+    from transformers import AutoConfig, AutoTokenizer
+    tokenizer.save_pretrained(tmp_path / "tok")
+    assert not (tmp_path / "tok" / "config.json").exists()
+    loaded = cli.from_pretrained(AutoTokenizer, str(tmp_path / "tok"), "--tokenizer")
+    assert loaded("Hello")["input_ids"] == tokenizer("Hello")["input_ids"]
+    with pytest.raises(cli.UserError, match=r"--model .*tok: no config.json in this folder, so no checkpoint"):
+        cli.from_pretrained(AutoConfig, str(tmp_path / "tok"), "--model")

@@ -38,6 +38,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import checkpoint
+import outputs
 import cli
 import data
 import logs
@@ -56,38 +57,38 @@ class Config:
     dev: str = opt("", "validation samples ('' = no validation)")
     out: str = opt("runs/clha", "output folder: log.jsonl, checkpoints/, final/")
     loss: str = opt("clha", "clha (Eq. 7) | pro (Eq. 2 + SFT) | sft (the SFT term alone: 'w/o L_clha')",
-                        choices=["clha", "pro", "sft"])
+                    choices=["clha", "pro", "sft"])
     margin: float = opt(3.0, "margin of Eq. 6; 0 is the 'w/o xi_adjust' ablation", at_least=0)
     reward_gap: float = opt(3.0, "Eq. 5: pairs with |r_i - r_j| <= reward_gap are ignored ('none': keep all)",
-                                at_least=0, none=True)
+                            at_least=0, none=True)
     rescore: bool = opt(True, "rewards mask pairs and gate SFT; the data must be sorted by reward. --no-rescore, "
-                                  "on data rescored with --keep-human-order, is the 'w/o Rescore' ablation")
+                              "on data rescored with --keep-human-order, is the 'w/o Rescore' ablation")
     alpha: float = opt(None, "SFT weight of Eq. 7 (default 0.05 (K - 1)^2, Sec. 3.3)", at_least=0, none=True)
     reduction: str = opt("paper", "paper (Eq. 5 summed per prompt) | official (the authors' per-distance mean, "
-                                      "which reproduces their numbers)", choices=["paper", "official"])
+                                  "which reproduces their numbers)", choices=["paper", "official"])
     max_len: int = opt(512, "tokens per sequence (block size)", at_least=MIN_RESPONSE_TOKENS + 1)
     max_prompt_len: int = opt(384, "prompt tokens kept, cut from the left (special tokens included)", at_least=1)
-    share_prompt: bool = opt(True, "one row per prompt: its K candidates share one pass over it (the same "
-                                       "numbers, fewer FLOPs); --no-share-prompt: one row per candidate")
+    share_prompt: bool = opt(True, "one row per prompt, its K candidates after it (the same numbers, fewer FLOPs); "
+                                   "--no-share-prompt: one row per candidate")
     epochs: int = opt(2, "passes over the training data", at_least=1)
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = all epochs)", at_least=0)
     lr: float = opt(5e-6, "AdamW learning rate, constant after warmup (as the paper)", above=0)
     warmup_steps: int = opt(0, "linear warmup steps (the authors use none)", at_least=0)
     lr_decay: bool = opt(False, "let the learning rate fall linearly to 0 over the epochs (the demo's)")
-    weight_decay: float = opt(0.01, "AdamW weight decay (torch's default, as in the authors' AdamW(params, lr))",
-                                  at_least=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay (torch's default, as the authors' AdamW(params, lr))",
+                              at_least=0)
     clip: float = opt(1.0, "clip the global gradient norm to this", above=0)
     batch_size: int = opt(2, "prompts per device per micro-batch, each with all K candidates", at_least=1)
     global_batch: int = opt(128, "prompts per optimizer step = batch_size x world x accumulation", at_least=1)
     group_by_length: bool = opt(False, "batch prompts of similar length together (less padding)")
     dtype: str = opt("bfloat16", "compute dtype under FSDP mixed precision (master weights stay fp32)",
-                         choices=["bfloat16", "float32"])
+                     choices=["bfloat16", "float32"])
     activation_checkpointing: bool = opt(True, "recompute each decoder layer in backward to save memory")
     cpu_offload: bool = opt(False, "keep parameters, gradients and AdamW state in host memory (FSDP2 "
-                                       "CPUOffloadPolicy): LLaMA-7B on one GPU")
+                                   "CPUOffloadPolicy): LLaMA-7B on one GPU")
     compile: bool = opt(False, "torch.compile each decoder layer")
-    export_dtype: str = opt("auto", "dtype of OUT/final: auto (the --model checkpoint's own) | float32 | "
-                                        "bfloat16 | float16", choices=["auto", "float32", "bfloat16", "float16"])
+    export_dtype: str = opt("auto", "dtype of OUT/final: auto (the --model checkpoint's own) | float32 | bfloat16 | "
+                                    "float16", choices=["auto", "float32", "bfloat16", "float16"])
     seed: int = opt(0, "data order and initialisation", at_least=0)
     log_every: int = opt(10, "optimizer steps between log lines", at_least=1)
     eval_every: int = opt(200, "optimizer steps between validations (and at the end)", at_least=1)
@@ -266,7 +267,7 @@ def main(argv=None):
     rank, world, device = init_distributed(cfg.cpu_offload)
     try:
         cli.output_dir(cfg.out, "--out")
-        with checkpoint.lock(os.path.join(cfg.out, ".lock"), "--out", cfg.out):   # one run per --out
+        with outputs.lock(os.path.join(cfg.out, ".lock"), "--out", cfg.out):   # one run per --out
             train(cfg, rank, world, device, log=print if rank == 0 else (lambda *_: None))
     finally:
         dist.destroy_process_group()
@@ -400,7 +401,7 @@ def check_setup(cfg, world, log):
     samples, dev = data.read_samples(cfg.train), data.read_samples(cfg.dev) if cfg.dev else []
     check_samples(cfg, samples, dev, log)
     data.make_batch(tokenizer, samples[:1], cfg.max_len, cfg.max_prompt_len)   # tokenizer and lengths work together
-    inputs = {"--train": checkpoint.fingerprint(cfg.train), "--dev": checkpoint.fingerprint(cfg.dev) if cfg.dev
+    inputs = {"--train": outputs.fingerprint(cfg.train), "--dev": outputs.fingerprint(cfg.dev) if cfg.dev
               else None}
     if (checkpoint.step_dirs(cfg.out) or os.path.exists(os.path.join(cfg.out, "final"))) and not cfg.resume:
         raise UserError(f"--out {cfg.out} already holds a run (checkpoints/ or final/): pass --resume, or choose "
