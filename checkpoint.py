@@ -93,6 +93,8 @@ def find_resumable(cfg, inputs, log=print):
     free = FREE_ON_RESUME | ({"batch_size"} if cfg.reduction == "paper" else set())
     check_settings(flags(saved) | recorded, flags(dataclasses.asdict(cfg)) | inputs, f"--resume: {path}",
                    free={f"--{k.replace('_', '-')}" for k in free})
+    if 0 < cfg.max_steps < meta["step"]:
+        raise UserError(f"--max-steps {cfg.max_steps}: {path} is already past it; resume with a larger one")
     return path
 
 

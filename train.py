@@ -278,17 +278,14 @@ def train(cfg, rank, world, device, log):
     torch.manual_seed(cfg.seed)
     samples, dev, tokenizer, config, inputs = check_setup(cfg, world, log)
     resume_from = checkpoint.find_resumable(cfg, inputs, log) if cfg.resume else None
-    if resume_from and 0 < cfg.max_steps < checkpoint.read_step(resume_from):
-        raise UserError(f"--max-steps {cfg.max_steps}: {resume_from} is already past it; resume with a larger one")
     dist.barrier()                                    # every rank has read the checkpoints before rank 0 cleans up
     checkpoint.clean(cfg, resume_from, rank)          # leftovers of a kill, and the damaged checkpoints
     dist.barrier()
 
     # data: samples are tokenized per micro-batch; the order is a function of (seed, epoch) alone
     accumulation = cfg.global_batch // (cfg.batch_size * world)
-    lengths = [data.sample_length(s) for s in samples]
-    total = len(samples) // cfg.global_batch * cfg.epochs
-    total = min(total, cfg.max_steps or total)
+    lengths, schedule = [data.sample_length(s) for s in samples], len(samples) // cfg.global_batch * cfg.epochs
+    total = min(schedule, cfg.max_steps or schedule)
     log(json.dumps(dataclasses.asdict(cfg), indent=1))
     log(f"{len(samples)} prompts x K = {len(samples[0]['responses'])}, {world} processes x {cfg.batch_size} prompts "
         f"x {accumulation} accumulation = {cfg.global_batch} per step; {total} steps; "
@@ -303,7 +300,7 @@ def train(cfg, rank, world, device, log):
 
     # training loop: one optimizer step, then the step's one all-reduce (its metrics, and whether any rank was
     # told to stop: then all stop here), then logging, validation and checkpoints as they fall due
-    meter, schedule = logs.Meter(), len(samples) // cfg.global_batch * cfg.epochs
+    meter = logs.Meter()
     with logs.RunLog(cfg, rank, total, start) as run_log, Preemption() as preemption:
         for step, epoch, indices in data.iterate_steps(lengths, cfg.global_batch, cfg.seed, cfg.epochs, start,
                                                        cfg.group_by_length):
