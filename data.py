@@ -156,27 +156,33 @@ def collate(rows, samples, pad_id, share_prompt, multiple=8):
     L = -(-max(len(shared) + sum(len(ids) for ids, _ in cands) for shared, cands in rows) // multiple) * multiple
     input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)      # [R, L]
     positions = torch.zeros(len(rows), L, dtype=torch.long)               # [R, L]
-    sees = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1)         # [R, L, L] padding sees itself alone
     real = torch.zeros(len(rows), L, dtype=torch.bool)                    # [R, L] not padding
-    predict, targets, lengths, tokens = [], [], [], 0
+    predict, targets, lengths, tokens, blocks = [], [], [], 0, []
     for r, (shared, cands) in enumerate(rows):
         P = len(shared)
         input_ids[r, :P], positions[r, :P] = torch.tensor(shared, dtype=torch.long), torch.arange(P)
-        sees[r, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
-        start = P
+        start, spans = P, []
         for ids, own_prompt in cands:
             end = start + len(ids)
             input_ids[r, start:end] = torch.tensor(ids)
             positions[r, start:end] = torch.arange(P, P + len(ids))      # as if the candidate had the row alone
-            sees[r, start:end, :P] = True                                 # the shared part...
-            sees[r, start:end, start:end] = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()  # ...and itself
             for t in range(own_prompt, len(ids)):         # token t is predicted by the one before it
                 predict.append((r, start + t - 1 if t > 0 else P - 1))
                 targets.append(ids[t])
             lengths.append(len(ids) - own_prompt)
             tokens += P + len(ids)
+            spans.append((start, end))
             start = end
         real[r, :start] = True
+        blocks.append((P, spans))
+    sees = None
+    if share_prompt:                      # [R, L, L]: the picture in this file's docstring, True where it may attend
+        sees = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1)     # padding sees itself alone
+        for r, (P, spans) in enumerate(blocks):
+            sees[r, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()   # the shared part, causally
+            for start, end in spans:
+                sees[r, start:end, :P] = True                             # a candidate sees the shared part...
+                sees[r, start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()  # ...and itself
     rows_cols = torch.tensor(predict).T                                   # [2, M]
     has_rewards = all(s["rewards"] is not None for s in samples) and len({len(s["responses"]) for s in samples}) == 1
     return {"input_ids": input_ids,

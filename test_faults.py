@@ -380,7 +380,13 @@ def test_a_second_run_on_the_same_out_is_refused_and_writes_nothing(tiny, tmp_pa
             one_line_error(capsys, train.main, train_args(tiny, tmp_path / "run"), r"--out .*run: another run is "
                                                                                    r"writing it now")
             assert os.listdir(tmp_path / "run") == [".lock"]                       # nothing but the holder's lock
-    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "run"]                     # released, and removed
+        (tmp_path / "eval").mkdir()
+        with outputs.lock(str(tmp_path / "eval" / ".lock"), "--out", str(tmp_path / "eval")):
+            one_line_error(capsys, evaluate.main, ["--model", tiny["base"], "--reward-model", tiny["base"], "--data",
+                                                   tiny["dev"], "--out", str(tmp_path / "eval")],
+                           r"--out .*eval: another run is writing it now")
+            assert sorted(os.listdir(tmp_path / "eval")) == [".lock", "parts"] and not os.listdir(tmp_path / "eval" / "parts")
+    assert sorted(os.listdir(tmp_path)) == ["eval", "in.jsonl", "run"]             # released, and removed
 
 
 def test_two_rescore_runs_on_one_out_never_mix(tmp_path):
