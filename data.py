@@ -39,8 +39,11 @@ import sys
 import unicodedata
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from clha_loss import response_logps
 
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 ASSISTANT = "\n\nAssistant:"
@@ -205,6 +208,44 @@ def make_batch(tokenizer, samples, max_len=512, max_prompt_len=384, share_prompt
     return collate(rows, samples, pad_id(tokenizer), share_prompt)
 
 
+# ---- the model's side of a batch: Eq. 3 ------------------------------------------------------------------
+
+def check_layout(config, max_len, flag="--model"):
+    """The shared-prompt layout hands the attention a [B, 1, L, L] mask of its own: sdpa and eager take it (see
+    attention_mask); flash attention would ignore it, and a sliding window shorter than a sequence would not apply."""
+    impl, window = config._attn_implementation, getattr(config, "sliding_window", None)
+    if impl not in ("sdpa", "eager"):
+        raise UserError(f"{flag}: its attention ({impl}) cannot take the shared-prompt mask: pass --no-share-prompt")
+    if window and max_len > window:
+        raise UserError(f"{flag}: its sliding window ({window}) is shorter than --max-len {max_len}, which the shared-"
+                        "prompt mask would not apply: pass --no-share-prompt")
+
+
+def attention_mask(model, mask):
+    """The batch's mask as the model's attention takes it. A [R, 1, L, L] one (the shared layout): sdpa reads True
+    as 'may attend'; eager adds the mask to its scores, so it gets 0 and a large negative number (True would add 1)."""
+    if mask.dim() == 4 and model.config._attn_implementation == "eager":
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
+
+
+def policy_logps(model, batch):
+    """Eq. 3 for every candidate of a batch from data.make_batch, in either layout -> mean and summed response
+    log-probs [N], N = B * K prompt-major. Under FSDP every forward all-gathers every layer, so all candidates go
+    through one forward (one per candidate would cost K times the communication); the LM head runs only from the
+    first column whose logit predicts a response token."""
+    rows, cols = batch["predict"]                                  # [M] each: where each response token's logit is
+    first = int(cols.min())
+    logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask(model, batch["attention_mask"]),
+                   position_ids=batch["position_ids"], logits_to_keep=batch["input_ids"].shape[1] - first).logits
+    return response_logps(logits[rows, cols - first], batch["targets"], batch["lengths"])   # Eq. 3
+
+
+def to_device(batch, device):
+    """The batch's tensors on `device`, copied without waiting for the GPU."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 # ---- sampling -------------------------------------------------------------------------------------------------
 
 def step_batches(lengths, global_batch, seed, epoch, group_by_length=False, window=32):
@@ -244,6 +285,16 @@ def micro_batch(step, batch_size, world_size, rank, micro):
     """
     start = (micro * world_size + rank) * batch_size
     return step[start:start + batch_size]
+
+
+def prefetch(items):
+    """The items of an iterator, each made in a thread while the caller works on the one before."""
+    with ThreadPoolExecutor(1) as worker:
+        items = iter(items)
+        ahead = worker.submit(next, items, None)
+        while (item := ahead.result()) is not None:
+            ahead = worker.submit(next, items, None)
+            yield item
 
 
 def sample_length(sample):

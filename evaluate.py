@@ -36,12 +36,12 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-import outputs
-import cli
 import rescore
-from cli import opt
-from data import UserError, check_tokenizer, encode_prompt, make_batch, pad_id, read_samples, write_jsonl
-from train import check_shared_layout, policy_logps
+from harness import files, fingerprints, flags, locks
+from harness.flags import opt
+from harness.models import checkpoint_dir, from_pretrained
+from data import (UserError, check_layout, check_tokenizer, encode_prompt, make_batch, pad_id, policy_logps,
+                  read_samples, to_device, write_jsonl)
 
 STOP_STRINGS = ("Human:", "human:", "Assistant:", "assistant:")
 
@@ -129,7 +129,7 @@ def pair_counts(model, tokenizer, samples, batch_size=4, max_len=512, max_prompt
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         batch = make_batch(tokenizer, chunk, max_len, max_prompt_len, share_prompt)   # the layout of training
-        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, model.device)
         logps = policy_logps(model, batch)[0].tolist()                          # [B*K] Eq. (3), prompt-major
         for s in chunk:                                                         # K may vary from sample to sample
             p, logps = logps[:len(s["responses"])], logps[len(s["responses"]):]
@@ -190,15 +190,15 @@ def content(sample):
 def run_share(todo, cfg, part, progress):
     """Generate, score and append one flushed record per prompt of `todo`, batch by batch as each finishes."""
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    tokenizer = cli.from_pretrained(AutoTokenizer, cfg.model, "--model")
+    tokenizer = from_pretrained(AutoTokenizer, cfg.model, "--model")
     check_tokenizer(tokenizer, "--model")
-    policy = cli.from_pretrained(AutoModelForCausalLM, cfg.model, "--model", dtype=getattr(torch, cfg.dtype))
+    policy = from_pretrained(AutoModelForCausalLM, cfg.model, "--model", dtype=getattr(torch, cfg.dtype))
     policy = policy.to(device).eval()
     policy.generation_config = GenerationConfig()                     # plain greedy, whatever the checkpoint ships
     if cfg.share_prompt:
-        check_shared_layout(policy.config, cfg.max_prompt_len + cfg.max_new_tokens)
+        check_layout(policy.config, cfg.max_prompt_len + cfg.max_new_tokens)
     rm, rm_tokenizer, format_fn = rescore.load_reward_model(cfg.reward_model, device, cfg.dtype)
-    with outputs.appending(part, "the prompts evaluated so far") as write:
+    with files.appending(part, "the prompts evaluated so far") as write:
         for idx, texts in generate_batches(policy, tokenizer, [s["prompt"] for s in todo], cfg.max_new_tokens,
                                            cfg.max_prompt_len, cfg.batch_size, progress):
             chunk = [todo[i] for i in idx]
@@ -220,42 +220,42 @@ def evaluate(cfg, progress=False):
     (see summarize), the other ranks return None. A rerun with the same --out resumes, and redoes the records
     of samples whose content changed; other models or decoding settings are refused."""
     parts = os.path.join(cfg.out, "parts")
-    cli.output_dir(cfg.out, "--out")
+    flags.output_dir(cfg.out, "--out")
     os.makedirs(parts, exist_ok=True)
-    with outputs.ranks() as (rank, world), outputs.lock(os.path.join(cfg.out, ".lock"), "--out", cfg.out):
+    with locks.ranks() as (rank, world), locks.lock(os.path.join(cfg.out, ".lock"), "--out", cfg.out):
         # the data, each prompt checked against the reward model's input format before anything loads
         format_fn = rescore.reward_format(cfg.reward_model)[2]
         samples = read_test_files(cfg.data, check=lambda s: format_fn(s["prompt"], s["responses"][0]))
-        settings = {"--model": outputs.fingerprint(cfg.model), "--reward-model": outputs.fingerprint(
+        settings = {"--model": fingerprints.fingerprint(cfg.model), "--reward-model": fingerprints.fingerprint(
             cfg.reward_model), "--max-new-tokens": cfg.max_new_tokens, "--max-prompt-len": cfg.max_prompt_len,
             "--dtype": cfg.dtype}
-        files = sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
+        part_files = sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
         shas = {s["id"]: content(s) for s in samples}
-        done = outputs.read_parts(files, keep=lambda r: r.get("sample_sha256") == shas.get(r["id"]))
+        done = files.read_parts(part_files, keep=lambda r: r.get("sample_sha256") == shas.get(r["id"]))
         settings_path = os.path.join(cfg.out, "settings.json")
-        if outputs.read_parts(files):                              # records made by an earlier run
+        if files.read_parts(part_files):                              # records made by an earlier run
             if not os.path.exists(settings_path):
                 raise UserError(f"--out {cfg.out}: its parts have no settings.json to say what made them; delete them")
-            outputs.check_settings(outputs.read_json(settings_path), settings, f"--out {cfg.out}")
+            fingerprints.check_settings(files.read_json(settings_path), settings, f"--out {cfg.out}")
         todo = [s for i, s in enumerate(samples) if i % world == rank and s["id"] not in done]
-        outputs.barrier()                                          # every rank has read before any appends
+        locks.barrier()                                          # every rank has read before any appends
         if rank == 0:
-            outputs.write_json(settings_path, settings)
+            files.write_json(settings_path, settings)
 
         # this rank's share: a full copy of the policy and the reward model, loaded only if work is left
         if todo:
             run_share(todo, cfg, os.path.join(parts, f"rank{rank}.jsonl"), progress and rank == 0)
-        outputs.barrier()
+        locks.barrier()
         if rank != 0:
             return None
 
         # merge the parts in input order, and write the results
-        files = sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
-        found = outputs.read_parts(files, keep=lambda r: r.get("sample_sha256") == shas.get(r["id"]))
+        part_files = sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
+        found = files.read_parts(part_files, keep=lambda r: r.get("sample_sha256") == shas.get(r["id"]))
         records = [found[s["id"]] for s in samples]
         write_jsonl(os.path.join(cfg.out, "generations.jsonl"), records)
         results = summarize(records, list(dict.fromkeys(s["subset"] for s in samples)))
-        outputs.write_json(os.path.join(cfg.out, "results.json"), results)
+        files.write_json(os.path.join(cfg.out, "results.json"), results)
         with open(os.path.join(cfg.out, "table.md"), "w") as f:
             f.write(format_table([(os.path.basename(os.path.normpath(cfg.out)), results)]))
         return results
@@ -280,22 +280,22 @@ class Config:
 
 
 def main(argv=None):
-    cfg = cli.parse(Config, argv, __doc__.split("\n")[0])
+    cfg = flags.parse(Config, argv, __doc__.split("\n")[0])
     if cfg.compare:
         runs = []
         for d in cfg.compare:
-            cli.input_file(os.path.join(d, "results.json"), "--compare")
-            runs.append((os.path.normpath(d), outputs.read_json(os.path.join(d, "results.json"))))
+            flags.input_file(os.path.join(d, "results.json"), "--compare")
+            runs.append((os.path.normpath(d), files.read_json(os.path.join(d, "results.json"))))
         print(format_table(runs), end="")
         return
     missing = [f"--{k.replace('_', '-')}" for k in ("model", "reward_model", "data", "out") if not getattr(cfg, k)]
     if missing:
         raise UserError(f"{', '.join(missing)} required (or --compare DIR...)")
     for path in cfg.data:
-        cli.input_file(path, "--data")
+        flags.input_file(path, "--data")
     for flag, path in (("--model", cfg.model), ("--reward-model", cfg.reward_model)):
-        cli.checkpoint_dir(path, flag)
-        cli.checkpoint_dir(path, flag, tokenizer=True)
+        checkpoint_dir(path, flag)
+        checkpoint_dir(path, flag, tokenizer=True)
     if "RANK" in os.environ and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if int(os.environ.get("RANK", 0)) == 0:
@@ -307,4 +307,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    flags.run(main)

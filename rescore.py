@@ -36,10 +36,10 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
                           GPTNeoXModel, GPTNeoXPreTrainedModel)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-import outputs
-import cli
 import data
-from cli import opt
+from harness import files, fingerprints, flags, locks
+from harness.flags import opt
+from harness.models import checkpoint_dir, from_pretrained
 from data import UserError
 
 # ---- the OpenAssistant reward models -------------------------------------------------------------------------
@@ -110,8 +110,8 @@ def encode(tokenizer, texts, max_length):
 def reward_format(path, flag="--reward-model", **config_kwargs):
     """-> (config, tokenizer, format_fn): all of a reward model but its weights, so that every prompt can be
     checked against its input format before they load. The tokenizer pads on the right (see `reward_forward`)."""
-    config = cli.from_pretrained(AutoConfig, path, flag, **config_kwargs)
-    tokenizer = cli.from_pretrained(AutoTokenizer, path, flag)
+    config = from_pretrained(AutoConfig, path, flag, **config_kwargs)
+    tokenizer = from_pretrained(AutoTokenizer, path, flag)
     oa = config.model_type == "gpt_neox_reward_model"        # one output, pooled by the attention mask
     if not oa and config.num_labels != 1:
         raise UserError(f"{flag} {path}: the model has {config.num_labels} outputs (num_labels); a reward model has "
@@ -134,7 +134,7 @@ def load_reward_model(path, device="cpu", dtype="float32", flag="--reward-model"
     """-> (model, tokenizer, format_fn) for any AutoModelForSequenceClassification with one output, in `dtype`
     (OpenAssistant's configs say float16; the authors ran them in float32)."""
     config, tokenizer, format_fn = reward_format(path, flag)
-    model = cli.from_pretrained(AutoModelForSequenceClassification, path, flag, config=config,
+    model = from_pretrained(AutoModelForSequenceClassification, path, flag, config=config,
                                 dtype=getattr(torch, dtype))
     return model.to(device).eval(), tokenizer, format_fn
 
@@ -196,22 +196,22 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
     Under torchrun, rank r scores the samples i with i % world == r into out.part<r>; once all are done, rank 0
     writes `out` in input order and returns the statistics (the other ranks return None). A rerun resumes.
     score_fn(prompts, responses) -> rewards replaces the reward model (tests, benchmarks)."""
-    cli.input_file(data_path, "--data")
+    flags.input_file(data_path, "--data")
     if os.path.isdir(out):
         raise UserError(f"--out {out}: is a folder; give the output file's name")
-    cli.output_dir(os.path.dirname(os.path.abspath(out)), "--out")
+    flags.output_dir(os.path.dirname(os.path.abspath(out)), "--out")
     if score_fn is None:
-        cli.checkpoint_dir(reward_model, "--reward-model")
-    with outputs.ranks() as (rank, world), outputs.lock(out + ".lock", "--out", out):
+        checkpoint_dir(reward_model, "--reward-model")
+    with locks.ranks() as (rank, world), locks.lock(out + ".lock", "--out", out):
         # the data, each prompt checked against the reward model's input format before its weights load
         format_fn = reward_format(reward_model)[2] if score_fn is None else lambda prompt, response: ""
         samples = data.read_samples(data_path, check=lambda s: [format_fn(s["prompt"], r) for r in s["responses"]])
-        settings = {"--reward-model": outputs.fingerprint(reward_model), "--data": outputs.fingerprint(data_path),
+        settings = {"--reward-model": fingerprints.fingerprint(reward_model), "--data": fingerprints.fingerprint(data_path),
                     "--max-length": max_length, "--dtype": dtype}
         done = finished(out, settings, {s["id"]: len(s["responses"]) for s in samples})
-        outputs.barrier()                                       # every rank has read before any appends
+        locks.barrier()                                       # every rank has read before any appends
         if rank == 0:
-            outputs.write_json(out + ".settings.json", settings)
+            files.write_json(out + ".settings.json", settings)
 
         # this rank's unfinished share, a chunk at a time: enough rows for length-sorted batches
         share = [s for i, s in enumerate(samples) if i % world == rank]
@@ -222,7 +222,7 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
             score_fn = lambda prompts, responses: score(model, tokenizer, format_fn, prompts, responses, batch_size,
                                                         max_length)
         chunk = max(1, batch_size * 16 // len(samples[0]["responses"]))
-        with outputs.appending(f"{out}.part{rank}", "the samples scored so far") as write, \
+        with files.appending(f"{out}.part{rank}", "the samples scored so far") as write, \
                 tqdm(total=len(share), initial=len(share) - len(todo), desc=f"rescoring {data_path}",
                      disable=rank != 0 or not todo) as bar:
             for start in range(0, len(todo), chunk):
@@ -231,19 +231,19 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
                 write([json.dumps({"id": s["id"], "rewards": [next(rewards) for _ in s["responses"]]}) + "\n"
                        for s in batch])                            # a kill loses at most the chunk in hand
                 bar.update(len(batch))
-        outputs.barrier()
+        locks.barrier()
         return merge(out, samples, keep_human_order, sft_human_chosen, reward_gap) if rank == 0 else None
 
 
 def finished(out, settings, K):
     """{id: rewards} that earlier runs on `out` finished, if they had the same settings and input."""
     parts = sorted(glob.glob(glob.escape(out) + ".part*"))
-    done = {id_: r["rewards"] for id_, r in outputs.read_parts(parts).items()}
+    done = {id_: r["rewards"] for id_, r in files.read_parts(parts).items()}
     if not done:
         return done
     if not os.path.exists(out + ".settings.json"):
         raise UserError(f"--out {out}: its part files have no {out}.settings.json to say what made them; delete them")
-    outputs.check_settings(outputs.read_json(out + ".settings.json"), settings, f"--out {out} (its part files)")
+    fingerprints.check_settings(files.read_json(out + ".settings.json"), settings, f"--out {out} (its part files)")
     for id_, rewards in done.items():
         if K.get(id_) != len(rewards):
             raise UserError(f"--out {out}: id {id_!r} with {len(rewards)} rewards in its part files is not in the "
@@ -254,7 +254,7 @@ def finished(out, settings, K):
 def merge(out, samples, keep_human_order, sft_human_chosen, reward_gap):
     """Rank 0, once every rank is done: one output in input order, written atomically; then the parts go."""
     parts = glob.glob(glob.escape(out) + ".part*")
-    done = {id_: r["rewards"] for id_, r in outputs.read_parts(sorted(parts)).items()}
+    done = {id_: r["rewards"] for id_, r in files.read_parts(sorted(parts)).items()}
     missing = [s["id"] for s in samples if s["id"] not in done]
     if missing:
         raise RuntimeError(f"{len(missing)} samples were not scored, e.g. {missing[0]!r}")
@@ -310,7 +310,7 @@ def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config, tokenizer, format_fn = reward_format(base, "--base", num_labels=1)   # as the scorer will see it
-    model = cli.from_pretrained(AutoModelForSequenceClassification, base, "--base", config=config,
+    model = from_pretrained(AutoModelForSequenceClassification, base, "--base", config=config,
                                 dtype=torch.float32).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     steps = epochs * -(-len(pairs) // max(1, batch_size // 2))
@@ -368,7 +368,7 @@ class Config:
 
 
 def main(argv=None):
-    cfg = cli.parse(Config, argv, __doc__.split("\n")[0])
+    cfg = flags.parse(Config, argv, __doc__.split("\n")[0])
     for name in ("base" if cfg.train_reward_model else "reward_model", "data", "out"):
         if not getattr(cfg, name):
             raise UserError(f"--{name.replace('_', '-')} is required")
@@ -379,13 +379,13 @@ def main(argv=None):
                             cfg.max_length, cfg.sft_human_chosen, cfg.dtype)
     for flag, path in (("--data", cfg.data), ("--dev", cfg.dev)):
         if path:
-            cli.input_file(path, flag)
+            flags.input_file(path, flag)
     if cfg.batch_size < 2:
         raise UserError(f"--batch-size {cfg.batch_size}: training needs at least 2 (one pair)")
-    cli.output_dir(cfg.out, "--out")
+    flags.output_dir(cfg.out, "--out")
     train_reward_model(cfg.data, cfg.out, cfg.base, cfg.dev or None, cfg.epochs, cfg.lr, cfg.batch_size,
                        cfg.max_length, cfg.seed, cfg.lr_decay)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    flags.run(main)

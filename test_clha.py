@@ -23,13 +23,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPTNeoXConfig, GPTNeoXModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-import benchmark
-import checkpoint
-import outputs
 import clha_loss
-import cli
 import data
-import demo
+from data import UserError
+from harness import checkpoints, files, fingerprints, flags, locks, models
+from tools import benchmark, demo
 import evaluate
 import rescore
 import train
@@ -448,12 +446,12 @@ def test_sharded_model_and_export_give_from_pretrained_logits(tiny, tokenizer, o
         # Both compute in bf16 from the same bf16-rounded weights: equal, where stale buffers differ by ~7e-3.
         assert torch.allclose(sharded, plain, atol=1e-4, rtol=0), (sharded - plain).abs().max()
         # the export keeps the source checkpoint's dtype (float32 here), or the one asked for
-        checkpoint.export_hf(cfg, model, tokenizer, rank)
+        checkpoints.export_hf(cfg, model, tokenizer, rank)
         exported = LlamaForCausalLM.from_pretrained(str(tmp_path / "final"))
         assert exported.dtype == torch.float32
         fp32 = LlamaForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32)(input_ids=ids).logits
         assert torch.equal(exported(input_ids=ids).logits, fp32)
-        checkpoint.export_hf(dataclasses.replace(cfg, export_dtype="bfloat16"), model, tokenizer, rank)
+        checkpoints.export_hf(dataclasses.replace(cfg, export_dtype="bfloat16"), model, tokenizer, rank)
         exported = LlamaForCausalLM.from_pretrained(str(tmp_path / "final"))
         assert exported.dtype == torch.bfloat16
         assert torch.allclose(exported(input_ids=ids).logits.float(), sharded, atol=1e-4, rtol=0)
@@ -469,8 +467,8 @@ def test_validation_is_a_mean_over_prompts(tiny, tokenizer, one_process):
     dev = tiny["dev_samples"][:5]
     got = train.validate(cfg, model, dev, tokenizer, rank, world, device)
     with torch.no_grad():
-        alone = [train.objective(cfg, model, data.make_batch(tokenizer, [s], cfg.max_len, cfg.max_prompt_len),
-                                 device)[1] for s in dev]
+        alone = [train.objective(cfg, model, data.make_batch(tokenizer, [s], cfg.max_len, cfg.max_prompt_len))[1]
+                 for s in dev]
     for key in ("loss", "loss_rank", "loss_sft", "acc", "pairs_kept", "sft_on"):
         assert got[key] == pytest.approx(sum(m[key].item() for m in alone) / 5, rel=1e-5), key
     assert got["logp_rank"] == pytest.approx((sum(m["logp_rank"] for m in alone) / 5).tolist(), abs=1e-4)
@@ -497,7 +495,7 @@ def test_training_separates_held_out_pairs(tiny, tmp_path, loss):
 
 def test_bad_setups_fail_before_training(tiny, tmp_path):
     def fails(match, *extra, out=tmp_path / "run"):
-        with pytest.raises(cli.UserError, match=match):
+        with pytest.raises(UserError, match=match):
             train.main(train_args(tiny, out, *extra)[2:] + ["--model", tiny["base"]])
     samples = data.read_samples(tiny["train"])
     fails(r"--train .*nope.jsonl: no such file", "--train", str(tmp_path / "nope.jsonl"))
@@ -511,15 +509,15 @@ def test_bad_setups_fail_before_training(tiny, tmp_path):
     data.write_jsonl(str(tmp_path / "human.jsonl"), [dict(s, rewards=s["rewards"][::-1]) for s in samples])
     fails(r"human.jsonl: sample \S+ is not sorted by reward, best first", "--train", str(tmp_path / "human.jsonl"))
     fails(r"--save-every 0: must be at least 1", "--save-every", "0")
-    with pytest.raises(cli.UserError, match="invalid float value: 'none'"):   # "none" is for --reward-gap, --alpha
-        cli.parse(train.Config, ["--lr", "none"])
+    with pytest.raises(UserError, match="invalid float value: 'none'"):   # "none" is for --reward-gap, --alpha
+        flags.parse(train.Config, ["--lr", "none"])
     (tmp_path / "used" / "checkpoints" / "step_0000003").mkdir(parents=True)
     fails(r"already holds a run \(checkpoints/ or final/\): pass --resume", out=tmp_path / "used")
-    with pytest.raises(cli.UserError, match=r"--model is required \(python train.py with no flags at all runs the demo"):
+    with pytest.raises(UserError, match=r"--model is required \(python train.py with no flags at all runs the demo"):
         train.main(["--lr", "1e-4"])                      # flags without --model are not silently ignored
     model = LlamaForCausalLM.from_pretrained(tiny["base"])
     model._no_split_modules = set()                       # a model whose decoder layers we cannot find
-    with pytest.raises(cli.UserError, match=r"declares no decoder layers \(_no_split_modules\) to shard"):
+    with pytest.raises(UserError, match=r"declares no decoder layers \(_no_split_modules\) to shard"):
         train.apply_fsdp(model, torch.bfloat16, activation_checkpointing=False)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -601,7 +599,7 @@ def test_oa_format_on_a_two_turn_prompt(oa_checkpoint):
         "<|prompter|>Yes, and yeast.<|endoftext|><|assistant|>Mix and bake.<|endoftext|>")
     ids = tokenizer(format_fn(PROMPT, "ok"), add_special_tokens=False)["input_ids"]
     assert ids[0] == tokenizer.convert_tokens_to_ids("<|prompter|>") and ids[-1] == tokenizer.eos_token_id
-    with pytest.raises(cli.UserError, match="not an HH-RLHF prompt"):
+    with pytest.raises(UserError, match="not an HH-RLHF prompt"):
         format_fn("How do I bake bread?", "ok")
 
 
@@ -714,20 +712,20 @@ def test_errors_name_the_file_and_line(tmp_path):
     scorer = fake_scorer({"a": 1.0, "b": 0.0})
     rescore_ = lambda: rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"),
                                             score_fn=scorer)
-    with pytest.raises(cli.UserError, match="--data .*in.jsonl: no such file"):
+    with pytest.raises(UserError, match="--data .*in.jsonl: no such file"):
         rescore_()
     (tmp_path / "in.jsonl").write_text(json.dumps(rm_sample("x", ["a", "b"])) + "\n{broken\n")
-    with pytest.raises(cli.UserError, match=r"in.jsonl:2"):
+    with pytest.raises(UserError, match=r"in.jsonl:2"):
         rescore_()
     data.write_jsonl(str(tmp_path / "in.jsonl"), [rm_sample("x", ["a", "b"]), rm_sample("y", ["a", "b"])])
-    settings = {"--reward-model": outputs.fingerprint("fake"),
-                "--data": outputs.fingerprint(str(tmp_path / "in.jsonl")), "--max-length": 1024, "--dtype": "float32"}
+    settings = {"--reward-model": fingerprints.fingerprint("fake"),
+                "--data": fingerprints.fingerprint(str(tmp_path / "in.jsonl")), "--max-length": 1024, "--dtype": "float32"}
     (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(settings))
     (tmp_path / "out.jsonl.part0").write_text('{"id": "x", "rewards": [1.0, 0.0]}\nnot json\n{"id": "y"')
-    with pytest.raises(cli.UserError, match=r"out.jsonl.part0:2"):
+    with pytest.raises(UserError, match=r"out.jsonl.part0:2"):
         rescore_()
     (tmp_path / "out.jsonl.part0").write_text('{"id": "z", "rewards": [1.0, 0.0]}\n')   # left from another file
-    with pytest.raises(cli.UserError, match="'z' with 2 rewards in its part files is not in the input"):
+    with pytest.raises(UserError, match="'z' with 2 rewards in its part files is not in the input"):
         rescore_()
 
 
@@ -784,7 +782,7 @@ def test_reward_model_with_two_outputs_is_refused(tmp_path, rm_demo):
                          num_attention_heads=2, num_labels=2)
     LlamaForSequenceClassification(config).save_pretrained(str(tmp_path))
     AutoTokenizer.from_pretrained(str(rm_demo / "base")).save_pretrained(str(tmp_path))
-    with pytest.raises(cli.UserError, match="2 outputs"):
+    with pytest.raises(UserError, match="2 outputs"):
         rescore.load_reward_model(str(tmp_path))
 
 
@@ -982,9 +980,9 @@ def test_summarize_and_table_hand_computed(tmp_path):
     assert table[2] == "| run | 30.00 | 62.50 | 0.00 | 25.00 | 20.00 | 50.00 |"
     (tmp_path / "rank0.jsonl").write_text('{"id": "a"}\n{"id": \n{"id": "c"}\n{"id": "d", "to')
     with pytest.raises(ValueError, match="rank0.jsonl:2"):                     # a broken line before the last
-        outputs.read_parts([str(tmp_path / "rank0.jsonl")])
+        files.read_parts([str(tmp_path / "rank0.jsonl")])
     (tmp_path / "rank0.jsonl").write_text('{"id": "a"}\n{"id": "c"}\n{"id": "d", "to')
-    assert list(outputs.read_parts([str(tmp_path / "rank0.jsonl")])) == ["a", "c"]   # a torn last line is skipped
+    assert list(files.read_parts([str(tmp_path / "rank0.jsonl")])) == ["a", "c"]   # a torn last line is skipped
 
 
 # ---- the whole protocol ------------------------------------------------------------------------------------------
@@ -1025,7 +1023,7 @@ def test_resume_after_interrupt_yields_every_prompt_once(env, full_run):
     part = [json.loads(line) for line in read_text(os.path.join(out, "parts", "rank0.jsonl")).split("\n")[:-1]]
     assert sorted(r["id"] for r in part) == sorted(s["id"] for s in env["samples"])   # each once, none lost
     assert_same_results(resumed, results)
-    with pytest.raises(cli.UserError, match=f"--max-new-tokens {N_NEW}, not {N_NEW + 1}"):   # others: a new --out
+    with pytest.raises(UserError, match=f"--max-new-tokens {N_NEW}, not {N_NEW + 1}"):   # others: a new --out
         run_eval(env, out, max_new_tokens=N_NEW + 1)
 
 
@@ -1075,10 +1073,10 @@ def test_architectures_and_mfu_by_hand():
 
 def test_gpu_suite_needs_a_gpu(capsys):
     with pytest.raises(SystemExit) as exit:
-        cli.run(benchmark.main, ["--suite"])
+        flags.run(benchmark.main, ["--suite"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err == ("error: --suite needs a CUDA GPU (torch.cuda.is_available() is False); "
-                                            "for a CPU smoke test run: python benchmark.py --arch llama-tiny\n")
+                                            "for a CPU smoke test run: python tools/benchmark.py --arch llama-tiny\n")
 
 
 def test_random_init_offload_and_compile_are_applied(one_process):
@@ -1092,7 +1090,7 @@ def test_random_init_offload_and_compile_are_applied(one_process):
     model = train.build_model(cfg, config, device, rank, weights=False)
     layer = model.model.layers[0]
     assert isinstance(layer._get_fsdp_state()._fsdp_param_group.offload_policy, CPUOffloadPolicy)
-    assert hasattr(layer.forward, "_torchdynamo_orig_callable")                    # torch.compile'd
+    assert hasattr(layer.forward.args[0], "_torchdynamo_orig_callable")            # torch.compile'd
     weight = layer.mlp.up_proj.weight.to_local()                                  # random init, not to_empty's bytes
     assert torch.isfinite(weight).all() and 0.015 < weight.std().item() < 0.025
     assert torch.allclose(model.model.rotary_emb.inv_freq, 1 / 10000 ** (torch.arange(0, 8, 2) / 8))
@@ -1114,10 +1112,10 @@ def test_readme_check_compares_the_printed_table(tmp_path, monkeypatch, capsys):
     demo.check_readme(str(readme))
     for changed in ("78.9", "x"):                                          # 2.2 apart; not a number
         readme.write_text(readme.read_text().replace("79.2", changed).replace("78.9", changed))
-        with pytest.raises(cli.UserError, match="its demo table is not, within 2.0, what python train.py prints"):
+        with pytest.raises(UserError, match="its demo table is not, within 2.0, what python train.py prints"):
             demo.check_readme(str(readme))
     rows["CLHA (before)"] = rows["CLHA (after)"]                           # a row more
-    with pytest.raises(cli.UserError, match="its demo table is not"):
+    with pytest.raises(UserError, match="its demo table is not"):
         demo.check_readme(str(readme))
 
 
@@ -1137,24 +1135,35 @@ def test_quick_start_demo(tmp_path, capsys):
 # The reader's edition: one-way imports, pieces that copy alone, nothing resting on a library's internals
 # ---------------------------------------------------------------------------------------------------------
 
-def our_imports(path):
+def our_modules():
+    """Every module of ours but the tests: the top-level files and those of harness/ and tools/."""
+    return [p for p in glob.glob("*.py", root_dir=ROOT) + glob.glob("harness/*.py", root_dir=ROOT)
+            + glob.glob("tools/*.py", root_dir=ROOT) if not os.path.basename(p).startswith(("test_", "conftest"))
+            and not p.endswith("__init__.py")]
+
+
+def our_imports(path, ours):
     """The modules of this project that a file imports, at any depth of its code (a lazy import counts)."""
     import ast
-    ours = {os.path.basename(p)[:-3] for p in os.listdir(ROOT) if p.endswith(".py")}
     found = set()
     for node in ast.walk(ast.parse(open(os.path.join(ROOT, path)).read())):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module.split(".")[0])
-    return found & ours - {path[:-3]}
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found & ours - {path[:-3].replace("/", ".")}
 
 
 def test_the_import_graph_has_no_circle():
-    files = [p for p in os.listdir(ROOT) if p.endswith(".py") and not p.startswith("test_") and p != "conftest.py"]
-    graph = {f[:-3]: our_imports(f) for f in files}
-    assert graph["clha_loss"] == set() and graph["data"] == set()            # the pieces that copy alone
-    assert "demo" not in graph["train"]                                      # python train.py execs demo.py
+    ours = {p[:-3].replace("/", ".") for p in our_modules()}
+    graph = {p[:-3].replace("/", "."): our_imports(p, ours) for p in our_modules()}
+    assert graph["clha_loss"] == set() and graph["data"] == {"clha_loss"}      # the pieces that copy alone
+    assert "tools.demo" not in graph["train"]                                  # python train.py execs demo.py
+    for method in ("clha_loss", "data", "rescore", "train", "evaluate"):       # the method never needs the tools
+        assert not {m for m in graph[method] if m.startswith("tools.")}, method
+    for harness in (m for m in graph if m.startswith("harness.")):             # nor does the harness need them,
+        assert not graph[harness] & {"train", "rescore", "evaluate"} and not any(   # or the method's scripts
+            m.startswith("tools.") for m in graph[harness]), harness
     done, visiting = set(), []
 
     def visit(module):
@@ -1260,8 +1269,8 @@ def test_other_errors_inside_transformers_keep_their_traceback(tmp_path):
         def from_pretrained(path, **kwargs):
             raise ValueError("a bug somewhere inside the library")
     with pytest.raises(ValueError, match="a bug somewhere") as raised:
-        cli.from_pretrained(Broken, str(tmp_path), "--model")
-    assert not isinstance(raised.value, cli.UserError)
+        models.from_pretrained(Broken, str(tmp_path), "--model")
+    assert not isinstance(raised.value, UserError)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1330,18 +1339,18 @@ def test_a_missing_logger_is_one_line(tiny, tmp_path, monkeypatch, capsys):
     for flag, module, extra in (("--tensorboard", "torch.utils.tensorboard", []), ("--wandb", "wandb", ["p"])):
         monkeypatch.setitem(sys.modules, module, None)          # as if it were not installed
         with pytest.raises(SystemExit):
-            cli.run(train.main, train_args(tiny, tmp_path / "run", flag, *extra))
+            flags.run(train.main, train_args(tiny, tmp_path / "run", flag, *extra))
         assert capsys.readouterr().err == f"error: {flag} needs {flag[2:]}: pip install {flag[2:]}\n"
     assert not (tmp_path / "run" / "log.jsonl").exists()        # found before training
 
 
 def test_the_plot_of_runs_is_a_png(tiny, two_rank_run, tmp_path):
     pytest.importorskip("matplotlib", reason="pip install matplotlib to test the plot (.ci/run does)")
-    logs_ = __import__("logs")
+    from tools import plot as logs_
     out = tmp_path / "curves.png"
     logs_.main(["--plot", str(two_rank_run), str(two_rank_run), "--names", "a", "b", "--out", str(out)])
     png = out.read_bytes()
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and (width, height) == (1280, 560) and len(png) > 20_000
-    with pytest.raises(cli.UserError, match="--names: 1 names for 2 runs"):
+    with pytest.raises(UserError, match="--names: 1 names for 2 runs"):
         logs_.main(["--plot", str(two_rank_run), str(two_rank_run), "--names", "a"])

@@ -23,16 +23,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
-import outputs
-import cli
 import data
+from data import UserError
+from harness import checkpoints, files, fingerprints, flags, locks, models
 import evaluate
 import rescore
 import train
 from conftest import torchrun, train_args
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 PROMPT = "\n\nHuman: How do I bake bread?\n\nAssistant:"
 
 
@@ -40,7 +39,7 @@ def one_line_error(capsys, main, argv, pattern):
     """main(argv) as its command line runs it: exit status 2 and exactly one line on stderr, matching `pattern`."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit:
-        cli.run(main, argv)
+        flags.run(main, argv)
     err = capsys.readouterr().err
     assert exit.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and re.search(pattern, err), err
@@ -123,14 +122,14 @@ GOOD = json.dumps(sample("a", rewards=[1.0, -1.0]))
 ])
 def test_bad_sample_files(tmp_path, capsys, lines, pattern):
     path = write(tmp_path / "x.jsonl", lines)
-    with pytest.raises(cli.UserError, match=pattern):
+    with pytest.raises(UserError, match=pattern):
         data.read_samples(path)
 
 
 def test_bytes_and_compression(tmp_path):
     with open(tmp_path / "x.jsonl", "wb") as f:
         f.write(GOOD.encode() + b"\n" + json.dumps(sample("b")).encode()[:-3] + b"\xff\xfe\"}\n")
-    with pytest.raises(cli.UserError, match=r"x.jsonl:2: not UTF-8 text"):
+    with pytest.raises(UserError, match=r"x.jsonl:2: not UTF-8 text"):
         data.read_samples(str(tmp_path / "x.jsonl"))
     # gzip and plain text are told apart by their bytes, whatever the name says
     plain, zipped = write(tmp_path / "plain.jsonl.gz", [GOOD]), write(tmp_path / "zipped.jsonl", [GOOD], gzip.open)
@@ -139,7 +138,7 @@ def test_bytes_and_compression(tmp_path):
         cut = f.read()[:-12]                                   # a partial download
     with open(tmp_path / "cut.jsonl.gz", "wb") as f:
         f.write(cut)
-    with pytest.raises(cli.UserError, match=r"cut.jsonl.gz:\d+: broken gzip data"):
+    with pytest.raises(UserError, match=r"cut.jsonl.gz:\d+: broken gzip data"):
         data.read_samples(str(tmp_path / "cut.jsonl.gz"))
 
 
@@ -190,11 +189,11 @@ def test_rescore_resume_with_other_settings_is_refused(tmp_path):
                              (dict(max_length=512), "made with --max-length 1024, not 512"),
                              (dict(dtype="bfloat16"), "made with --dtype float32, not bfloat16")):
         settings = dict(reward_model="rm_a", max_length=1024, dtype="float32") | changed
-        with pytest.raises(cli.UserError, match=pattern):
+        with pytest.raises(UserError, match=pattern):
             rescore.rescore_file(settings.pop("reward_model"), path, out, batch_size=1, score_fn=crash, **settings)
     with open(path, "a") as f:                                 # the same file name, other contents
         f.write(json.dumps(sample("s99")) + "\n")
-    with pytest.raises(cli.UserError, match=r"--data .*in.jsonl: its contents changed since --out .* was made from it"):
+    with pytest.raises(UserError, match=r"--data .*in.jsonl: its contents changed since --out .* was made from it"):
         rescore.rescore_file("rm_a", path, out, batch_size=1, score_fn=crash)
     assert open(out + ".part0").read() == part and not os.path.exists(out)            # nothing mixed or lost
 
@@ -209,7 +208,7 @@ def test_rescore_outputs(tmp_path, capsys):
         assert f.read(2) == b"\x1f\x8b"                        # .gz means gzip
     assert data.read_samples(str(tmp_path / "out.jsonl.gz")) == \
         data.read_samples(str(tmp_path / "new" / "dir" / "out.jsonl"))
-    with pytest.raises(cli.UserError, match=r"--out .*new: is a folder"):
+    with pytest.raises(UserError, match=r"--out .*new: is a folder"):
         rescore.rescore_file("rm", path, str(tmp_path / "new"), score_fn=table)
     one_line_error(capsys, rescore.main, ["--reward-model", "./nomodel", "--data", path, "--out",
                                           str(tmp_path / "o.jsonl")], r"--reward-model ./nomodel: no such folder")
@@ -259,13 +258,13 @@ def test_evaluate_mistakes(tiny, tmp_path, capsys):
                                            tiny["dev"], "--out", str(out)], r"--model ./nomodel: no such folder")
     # records made by another run: its settings must be these
     (out / "parts" / "rank0.jsonl").write_text(json.dumps({"id": "x", "sample_sha256": "0"}) + "\n")
-    settings = {"--model": {"path": "/other/model", "sha256": None}, "--reward-model": outputs.fingerprint(str(rm)),
+    settings = {"--model": {"path": "/other/model", "sha256": None}, "--reward-model": fingerprints.fingerprint(str(rm)),
                 "--max-new-tokens": 128, "--max-prompt-len": 384, "--dtype": "float32"}
     (out / "settings.json").write_text(json.dumps(settings))
     argv = ["--model", tiny["base"], "--reward-model", str(rm), "--data", tiny["dev"], "--out", str(out)]
     one_line_error(capsys, evaluate.main, argv, r"--out .*eval was made with --model /other/model, not .*base; rerun")
     settings.pop("--dtype")                                    # written by a version before --dtype
-    (out / "settings.json").write_text(json.dumps(dict(settings, **{"--model": outputs.fingerprint(tiny["base"])})))
+    (out / "settings.json").write_text(json.dumps(dict(settings, **{"--model": fingerprints.fingerprint(tiny["base"])})))
     one_line_error(capsys, evaluate.main, argv, r"was made with --dtype None, not float32")
     (out / "settings.json").write_text('{"model": ')               # a kill mid-write, before writes were atomic
     one_line_error(capsys, evaluate.main, argv, r"settings.json: not valid JSON")
@@ -328,14 +327,14 @@ def test_resume_refuses_other_settings_and_a_broken_export_loses_nothing(tiny, f
     try:
         model = train.build_model(cfg, __import__("transformers").AutoConfig.from_pretrained(tiny["base"]), device, 0)
         with pytest.raises(KeyboardInterrupt):
-            checkpoint.export_hf(cfg, model, Dying(), rank)
+            checkpoints.export_hf(cfg, model, Dying(), rank)
     finally:
         torch.distributed.destroy_process_group()
     assert (out / "final.tmp" / "config.json").exists()
     assert load_file(str(out / "final" / "model.safetensors")).keys() == finished[1].keys()
     # killed between moving final/ aside and putting the new one in place: the next run puts the old one back
     os.replace(out / "final", out / "final.old")
-    checkpoint.clean(cfg, None, rank=0)
+    checkpoints.clean(cfg, None, rank=0)
     assert sorted(os.listdir(out)) == ["checkpoints", "final", "log.jsonl"]
     assert load_file(str(out / "final" / "model.safetensors")).keys() == finished[1].keys()
 
@@ -369,19 +368,19 @@ def test_a_second_run_on_the_same_out_is_refused_and_writes_nothing(tiny, tmp_pa
     line naming the output, before reading or writing anything."""
     path, out = str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")
     data.write_jsonl(path, [sample(f"s{n}") for n in range(5)])
-    with outputs.lock(out + ".lock", "--out", out):           # the first run, still working
+    with locks.lock(out + ".lock", "--out", out):           # the first run, still working
         run = subprocess.run([sys.executable, "rescore.py", "--reward-model", tiny["base"], "--data", path, "--out",
                               out], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and run.stderr == (f"error: --out {out}: another run is writing it now (it holds "
                                                       f"{out}.lock); wait for it, or choose another --out\n")
         assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl.lock"]          # no parts, no settings
         (tmp_path / "run").mkdir()
-        with outputs.lock(str(tmp_path / "run" / ".lock"), "--out", str(tmp_path / "run")):
+        with locks.lock(str(tmp_path / "run" / ".lock"), "--out", str(tmp_path / "run")):
             one_line_error(capsys, train.main, train_args(tiny, tmp_path / "run"), r"--out .*run: another run is "
                                                                                    r"writing it now")
             assert os.listdir(tmp_path / "run") == [".lock"]                       # nothing but the holder's lock
         (tmp_path / "eval").mkdir()
-        with outputs.lock(str(tmp_path / "eval" / ".lock"), "--out", str(tmp_path / "eval")):
+        with locks.lock(str(tmp_path / "eval" / ".lock"), "--out", str(tmp_path / "eval")):
             one_line_error(capsys, evaluate.main, ["--model", tiny["base"], "--reward-model", tiny["base"], "--data",
                                                    tiny["dev"], "--out", str(tmp_path / "eval")],
                            r"--out .*eval: another run is writing it now")
@@ -397,7 +396,7 @@ def test_two_rescore_runs_on_one_out_never_mix(tmp_path):
 
     def first_scorer(prompts, responses):                       # while the first scores, the second one starts
         if not second:
-            with pytest.raises(cli.UserError, match="another run is writing it now"):
+            with pytest.raises(UserError, match="another run is writing it now"):
                 rescore.rescore_file("rm_b", path, out, score_fn=scorer({"Mix flour.": -9.0, "No.": 9.0}))
             second.append(True)
         return [1.0 if r == "Mix flour." else -1.0 for r in responses]
@@ -439,11 +438,11 @@ def test_batch_size_does_not_change_the_paper_reduction_but_changes_the_official
             model.zero_grad()
             for micro in range(0, 8, batch_size):
                 batch = data.make_batch(tokenizer, samples[micro:micro + batch_size], 128, 64, share_prompt=True)
-                (train.objective(cfg, model, batch, torch.device("cpu"))[0] * batch_size / 8).backward()
+                (train.objective(cfg, model, batch)[0] * batch_size / 8).backward()
             grads[reduction, batch_size] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert torch.allclose(grads["paper", 2], grads["paper", 4], atol=1e-6, rtol=1e-5)
     assert not torch.allclose(grads["official", 2], grads["official", 4], atol=1e-4, rtol=1e-3)
-    assert "batch_size" not in checkpoint.FREE_ON_RESUME      # free only under paper (find_resumable)
+    assert "batch_size" not in checkpoints.FREE_ON_RESUME      # free only under paper (find_resumable)
 
 
 def test_evaluate_redoes_what_changed_in_its_inputs(tiny, tmp_path):
@@ -487,7 +486,7 @@ def test_an_output_that_is_a_symlink_is_written_through(tmp_path):
 @pytest.mark.parametrize("reply", ["\u200b", "\x07\x07", " \u200b\u2060\n"])
 def test_invisible_responses_are_refused_at_file_and_line(tmp_path, reply):
     path = write(tmp_path / "x.jsonl", [GOOD, json.dumps(sample("b", responses=["Fine.", reply]))])
-    with pytest.raises(cli.UserError, match=r"x.jsonl:2: 'responses' must hold at least 2 strings with visible text"):
+    with pytest.raises(UserError, match=r"x.jsonl:2: 'responses' must hold at least 2 strings with visible text"):
         data.read_samples(path)
 
 
@@ -561,8 +560,8 @@ def test_sigterm_to_torchrun_saves_the_step_reached_and_resume_is_bit_identical(
     assert len(said) == 1 and run.returncode != 0, err[-2000:]
     step = int(said[0])
     assert 2 <= step < 9 and not (out / "final").exists()
-    assert checkpoint.step_dirs(str(out))[-1].endswith(f"step_{step:07d}")
-    assert checkpoint.damage(checkpoint.step_dirs(str(out))[-1]) is None           # complete, on every rank
+    assert checkpoints.step_dirs(str(out))[-1].endswith(f"step_{step:07d}")
+    assert checkpoints.damage(checkpoints.step_dirs(str(out))[-1]) is None           # complete, on every rank
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == list(range(1, step + 1))
     torchrun(2, args + ["--resume"])
     w1, w2 = load_file(str(out / "final" / "model.safetensors")), load_file(str(two_rank_run / "final" / "model.safetensors"))
@@ -626,9 +625,9 @@ def test_a_full_disk_at_the_export_keeps_the_checkpoints(tiny, finished, tmp_pat
     rank, _, device = train.init_distributed()
     try:
         model = train.build_model(cfg, __import__("transformers").AutoConfig.from_pretrained(tiny["base"]), device, 0)
-        with pytest.raises(cli.UserError, match=rf"cannot write {tmp_path}/final.tmp \(No space left on device\): the "
+        with pytest.raises(UserError, match=rf"cannot write {tmp_path}/final.tmp \(No space left on device\): the "
                                                 r"checkpoints are kept; rerun with --resume once there is room"):
-            checkpoint.export_hf(cfg, model, Full(), rank)
+            checkpoints.export_hf(cfg, model, Full(), rank)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -662,7 +661,7 @@ def test_a_tokenizer_folder_needs_no_config(tokenizer, tmp_path, capsys):
     from transformers import AutoConfig, AutoTokenizer
     tokenizer.save_pretrained(tmp_path / "tok")
     assert not (tmp_path / "tok" / "config.json").exists()
-    loaded = cli.from_pretrained(AutoTokenizer, str(tmp_path / "tok"), "--tokenizer")
+    loaded = models.from_pretrained(AutoTokenizer, str(tmp_path / "tok"), "--tokenizer")
     assert loaded("Hello")["input_ids"] == tokenizer("Hello")["input_ids"]
-    with pytest.raises(cli.UserError, match=r"--model .*tok: no config.json in this folder, so no checkpoint"):
-        cli.from_pretrained(AutoConfig, str(tmp_path / "tok"), "--model")
+    with pytest.raises(UserError, match=r"--model .*tok: no config.json in this folder, so no checkpoint"):
+        models.from_pretrained(AutoConfig, str(tmp_path / "tok"), "--model")

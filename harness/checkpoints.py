@@ -9,7 +9,7 @@ Every folder is written under a .tmp name and renamed once complete, so a kill, 
 read-only leaves the previous checkpoint rather than half of one, and a refused write is one line on every rank.
 `--resume` continues from the newest *complete* checkpoint: one whose shard files are all present at their
 recorded sizes, so a damaged newest folder is reported, skipped and deleted; it refuses other settings or other
-inputs (outputs.check_settings), and starts at step 0 where there is no checkpoint yet.
+inputs (fingerprints.check_settings), and starts at step 0 where there is no checkpoint yet.
 """
 
 import dataclasses
@@ -30,7 +30,8 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from data import UserError
-from outputs import check_settings, read_json
+from harness.files import read_json
+from harness.fingerprints import check_settings
 
 # train.py flags a resumed run may change: where and how often it reports, how the same global batch is split,
 # and how the same arithmetic is laid out. Any other change would alter the data order or the objective.
@@ -67,6 +68,16 @@ def damage(path):
         if os.path.getsize(os.path.join(path, name)) < size:
             return f"{name} is truncated"
     return None
+
+
+def prepare(cfg, inputs, rank, log=print):
+    """Before training: the checkpoint a --resume continues from (None: start at step 0), then rank 0
+    cleans up what a kill left behind, once every rank has read the checkpoints."""
+    resume_from = find_resumable(cfg, inputs, log) if cfg.resume else None
+    dist.barrier()
+    clean(cfg, resume_from, rank)
+    dist.barrier()
+    return resume_from
 
 
 def find_resumable(cfg, inputs, log=print):

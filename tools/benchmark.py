@@ -1,13 +1,13 @@
 """Benchmarks: a CLHA step in either batch layout next to a bare causal-LM step (train.py's FSDP2 setup), and more.
 
-    python benchmark.py                        # CPU smoke test: llama-tiny (19.5M), random weights, no download
-    python benchmark.py --lengths SAMPLES --arch smollm2-135m    # the step on a sample file's own lengths
-    python benchmark.py --suite                # one GPU, < 8 min: llama-1b steps, LLaMA-7B steps, generation
-    python benchmark.py --arch llama-1b --max-len 512            # one configuration; or --model PATH for a checkpoint
-    torchrun --nproc_per_node 8 benchmark.py --arch llama-7b --variant clha   # one variant on 8 GPUs
-    python benchmark.py --generate --arch llama-1b               # tokens/s of evaluate.py's greedy loop
-    python benchmark.py --padding SAMPLES --model TOKENIZER      # the padding share of train.py's batches
-    python benchmark.py --bookkeeping 160800                     # rescore.py's bookkeeping at HH-RLHF's size
+    python tools/benchmark.py                        # CPU smoke test: llama-tiny (19.5M), random weights, no download
+    python tools/benchmark.py --lengths SAMPLES --arch smollm2-135m    # the step on a sample file's own lengths
+    python tools/benchmark.py --suite                # one GPU, < 8 min: llama-1b steps, LLaMA-7B steps, generation
+    python tools/benchmark.py --arch llama-1b --max-len 512            # one configuration; or --model PATH for a checkpoint
+    torchrun --nproc_per_node 8 tools/benchmark.py --arch llama-7b --variant clha   # one variant on 8 GPUs
+    python tools/benchmark.py --generate --arch llama-1b               # tokens/s of evaluate.py's greedy loop
+    python tools/benchmark.py --padding SAMPLES --model TOKENIZER      # the padding share of train.py's batches
+    python tools/benchmark.py --bookkeeping 160800                     # rescore.py's bookkeeping at HH-RLHF's size
 
 A step benchmark runs three variants on the same prompts, each in a fresh process: `clha` (one row per prompt,
 train.py's default), `clha_rows` (one row per candidate, --no-share-prompt) and `lm`, what plain SFT costs:
@@ -34,12 +34,14 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-import cli
-import data
-import logs
-import train
-from cli import opt
-from data import UserError
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
+
+import data                       # noqa: E402  (after the path above)
+import train                      # noqa: E402
+from data import UserError        # noqa: E402
+from harness import flags, logs   # noqa: E402
+from harness.flags import opt     # noqa: E402
+from harness.models import from_pretrained   # noqa: E402
 
 ARCHS = {   # random-weight LlamaConfigs, so that nothing needs a download
     "llama-tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -88,7 +90,7 @@ class Config:
 
 
 def model_config(cfg):
-    return cli.from_pretrained(AutoConfig, cfg.model, "--model") if cfg.model else LlamaConfig(**ARCHS[cfg.arch])
+    return from_pretrained(AutoConfig, cfg.model, "--model") if cfg.model else LlamaConfig(**ARCHS[cfg.arch])
 
 
 def matmul_params(config):
@@ -189,8 +191,8 @@ def run_variant(cfg):
                     rss.start()
                 dist.barrier()
                 start = time.perf_counter()
-            loss = bare_lm_loss(model, batch, device) if cfg.variant == "lm" else train.objective(tcfg, model, batch,
-                                                                                                  device)[0]
+            loss = bare_lm_loss(model, batch, device) if cfg.variant == "lm" else train.objective(
+                tcfg, model, data.to_device(batch, device))[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -263,7 +265,7 @@ def steps(cfg, argv):
     """The three variants, each in a fresh process; --lengths first settles the tokenizer, once for all three."""
     with tempfile.TemporaryDirectory() as folder:
         if cfg.lengths and not (cfg.tokenizer or cfg.model):
-            import demo                                            # the demo's way: SentencePiece, trained offline
+            from tools import demo                                 # the demo's way: SentencePiece, trained offline
             samples = data.read_samples(cfg.lengths)
             demo.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]], folder, 8000)
             argv = argv + ["--tokenizer", folder]
@@ -352,7 +354,7 @@ def suite(cfg):
     LLaMA-7B CLHA (with --cpu-offload where 7B's 108 GB of fp32 state does not fit), and generation."""
     if not torch.cuda.is_available():
         raise UserError("--suite needs a CUDA GPU (torch.cuda.is_available() is False); for a CPU smoke test "
-                        "run: python benchmark.py --arch llama-tiny")
+                        "run: python tools/benchmark.py --arch llama-tiny")
     print(environment(), flush=True)
     paper = ["--arch", "llama-1b", "--batch-size", "2", "--k", "2", "--max-len", "512", "--steps", "10"]
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -392,13 +394,13 @@ def padding_share(samples, tokenizer, batch_size, group_by_length, max_len=512, 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = cli.parse(Config, argv, __doc__.split("\n")[0])
+    cfg = flags.parse(Config, argv, __doc__.split("\n")[0])
     for flag, path in (("--lengths", cfg.lengths), ("--padding", cfg.padding)):
         if path:
-            cli.input_file(path, flag)
+            flags.input_file(path, flag)
     if cfg.padding:
         samples = data.read_samples(cfg.padding)
-        tokenizer = cli.from_pretrained(AutoTokenizer, cfg.model, "--model")
+        tokenizer = from_pretrained(AutoTokenizer, cfg.model, "--model")
         data.check_tokenizer(tokenizer, "--model")
         for group in (False, True):       # prompts cut to 3/4 of --max-len, as train.py's 384 of 512
             share = padding_share(samples, tokenizer, cfg.batch_size, group, cfg.max_len, cfg.max_len * 3 // 4)
@@ -414,4 +416,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    flags.run(main)

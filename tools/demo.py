@@ -1,8 +1,8 @@
 """The built-in demo: the whole CLHA pipeline on a laptop CPU, offline, on templated data with known quality.
 
-    python train.py                         # (= python demo.py) data, reward model, rescoring, CLHA, evaluation
-    python demo.py --ablations --seeds 0 1 2    # a mini Table 3: CLHA and its ablations, and PRO, on the same data
-    python demo.py --check-readme               # CI: a fresh run's table is README.md's, within TOLERANCE
+    python train.py                         # (= python tools/demo.py) data, reward model, rescoring, CLHA, evaluation
+    python tools/demo.py --ablations --seeds 0 1 2    # a mini Table 3: CLHA and its ablations, and PRO, on the same data
+    python tools/demo.py --check-readme               # CI: a fresh run's table is README.md's, within TOLERANCE
 
 Every stage writes its output under --out (default demo/) and is skipped when that output exists, so a second
 run only prints the tables (a folder made by another version of the demo is refused, not reused). The data (`make_demo_data`) are replies of known quality to templated requests:
@@ -21,18 +21,22 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-import cli
-import data
-import evaluate
-import rescore
-import train
-from cli import UserError, opt
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
+
+import data                       # noqa: E402  (after the path above)
+import evaluate                   # noqa: E402
+import rescore                    # noqa: E402
+import train                      # noqa: E402
+from data import UserError        # noqa: E402
+from harness import flags         # noqa: E402
+from harness.flags import opt     # noqa: E402
 
 # ---- the data: templated requests with replies of known quality ------------------------------------------------
 # Templated requests, each with replies of known quality: 2 helpful (or a refusal of a harmful request),
@@ -237,13 +241,13 @@ def center_rewards(path, zero):
     print(f"  rewards measured from the zero {zero:.3f}: SFT target with reward <= 0 now {off:.1%} of samples")
 
 
-def train_policy(out, base, name, train_file, flags, seed, max_steps=0):
+def train_policy(out, base, name, train_file, extra, seed, max_steps=0):
     run = os.path.join(out, "runs", f"{name.replace(' ', '_').replace('/', '')}_seed{seed}")
     if not os.path.exists(os.path.join(run, "final", "config.json")):
         stage(f"4. training {name} (seed {seed}) with train.py")
         train.main(["--model", base, "--train", os.path.join(out, train_file), "--dev",    # --resume: a run
                     os.path.join(out, "dev.rm.jsonl"), "--out", run, "--seed", str(seed),   # killed before its
-                    "--max-steps", str(max_steps), "--resume", *TRAIN, *flags])           # end continues
+                    "--max-steps", str(max_steps), "--resume", *TRAIN, *extra])           # end continues
     return os.path.join(run, "final")
 
 
@@ -328,7 +332,7 @@ def same_table(printed, shown, tolerance=TOLERANCE):
     return True
 
 
-def check_readme(readme=os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")):
+def check_readme(readme=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")):
     """CI: the table a fresh `python train.py` prints must be, within TOLERANCE, the one README.md shows."""
     import tempfile
     with tempfile.TemporaryDirectory() as folder:
@@ -344,7 +348,7 @@ def check_readme(readme=os.path.join(os.path.dirname(os.path.abspath(__file__)),
 
 
 def main(argv=None):
-    cfg = cli.parse(Config, argv, __doc__.split("\n")[0])
+    cfg = flags.parse(Config, argv, __doc__.split("\n")[0])
     # The README's tables were measured with 2 threads; the same count gives the same floats on more cores.
     torch.set_num_threads(2)
     if cfg.check_readme:
@@ -363,8 +367,8 @@ def main(argv=None):
 
     per_seed = {name: [] for name in VARIANTS}
     for seed in cfg.seeds:
-        for name, (train_file, flags) in VARIANTS.items():
-            final = train_policy(cfg.out, base, name, train_file, flags, seed, cfg.max_steps)
+        for name, (train_file, extra) in VARIANTS.items():
+            final = train_policy(cfg.out, base, name, train_file, extra, seed, cfg.max_steps)
             per_seed[name].append(evaluate_policy(cfg.out, final, rm, f"{name}_seed{seed}"))
     rows = {}
     for name, results in per_seed.items():   # mean +- standard deviation over the seeds
@@ -379,4 +383,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    flags.run(main)

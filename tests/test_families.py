@@ -14,14 +14,15 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, MistralConfig,
                           Qwen2Config)
 
-import cli
 import data
-import demo
+from data import UserError
+from harness import flags
+from tools import demo
 import evaluate
 import train
 from conftest import FAMILIES, ranked
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 HH_TEST = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "test.jsonl.gz")
 PROMPT = "\n\nHuman: Hi there!\n\nAssistant: Hello!\n\nHuman: How do I make tea? 🍵\n\nAssistant:"
 RESPONSES = ["Sure! First boil some water.\n\n1. Steep.\n2. Enjoy “slowly”.", "No.", "日本語で? Okay.", "42 cups"]
@@ -287,7 +288,7 @@ def layout_case(model, tokenizer, K, max_len=64, max_prompt_len=32, samples=None
     want = reference_logps(model, rows)
     want_grads = objective_and_grads(*want)
     for share in (True, False):
-        got = train.policy_logps(model, data.make_batch(tokenizer, samples, max_len, max_prompt_len, share))
+        got = data.policy_logps(model, data.make_batch(tokenizer, samples, max_len, max_prompt_len, share))
         for g, w in zip(got, want):
             assert torch.allclose(g.to(w.dtype), w, **tol), (share, (g - w).abs().max())
         for g, w in zip(objective_and_grads(*got), want_grads):
@@ -361,7 +362,7 @@ def test_the_shared_layout_is_refused_where_the_attention_would_misread_it(token
     for impl in ("flash_attention_2", "flex_attention"):
         with pytest.raises(data.UserError, match=rf"--model: its attention \({impl}\) cannot take the shared-prompt "
                                                  r"mask: pass --no-share-prompt"):
-            train.check_shared_layout(SimpleNamespace(_attn_implementation=impl), 512)
+            data.check_layout(SimpleNamespace(_attn_implementation=impl), 512)
     # a sliding window shorter than a sequence: through train.py's command line, one line
     tokenizer = tokenizers["bpe_bos"]
     config = MistralConfig(vocab_size=len(tokenizer), sliding_window=64, eos_token_id=tokenizer.eos_token_id,
@@ -374,6 +375,6 @@ def test_the_shared_layout_is_refused_where_the_attention_would_misread_it(token
             "--global-batch", "8", "--max-len", "128", "--max-prompt-len", "64"]
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        cli.run(train.main, argv)
+        flags.run(train.main, argv)
     assert capsys.readouterr().err == ("error: --model: its sliding window (64) is shorter than --max-len 128, which "
                                        "the shared-prompt mask would not apply: pass --no-share-prompt\n")

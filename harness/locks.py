@@ -1,0 +1,71 @@
+"""One run per output: an OS lock (flock) held for the whole run, and the ranks that share it.
+
+    OUT/.lock (train.py, evaluate.py), OUT.lock (rescore.py)
+
+A second run on the same output is refused in one line before it reads or writes anything; the kernel
+releases a flock when its process dies, so a killed run leaves no stale lock.
+"""
+
+import contextlib
+import fcntl
+import os
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from data import UserError
+
+
+@contextlib.contextmanager
+def ranks():
+    """(rank, world) of this process; under torchrun with a gloo group for the barriers of rescore.py
+    and evaluate.py (CPU collectives serve GPUs too), whose timeout lets a rank wait hours for the
+    slowest."""
+    own = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", timeout=timedelta(hours=48))
+    try:
+        yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def lock(path, flag, out):
+    """Hold the lock file `path` for the whole run, on rank 0, telling every rank whether it could."""
+    fd, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        while fd is None:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                error = (f"{flag} {out}: another run is writing it now (it holds {path}); wait for "
+                         f"it, or choose another {flag}")
+                break
+            except OSError as e:
+                error = f"{flag} {out}: cannot create the lock file {path} ({e.strerror})"
+                break
+            if not os.path.exists(path) or os.stat(path).st_ino != os.fstat(fd).st_ino:
+                os.close(fd)          # the run before us removed it after we opened it: take the new one
+                fd = None
+    if dist.is_initialized():
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error:
+        if fd is not None:
+            os.close(fd)
+        raise UserError(error)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.remove(path)           # still ours: we hold it
+            os.close(fd)

@@ -1,0 +1,40 @@
+"""Loading a checkpoint or a tokenizer, with a folder or file that cannot be used as one line."""
+
+import os
+
+from data import UserError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def looks_local(path):
+    """A path rather than a hub id ('owner/name' or 'name')."""
+    return os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def checkpoint_dir(path, flag, tokenizer=False):
+    """Refuse, before anything loads, a local checkpoint that is no folder, or has no config.json (a
+    model) or no tokenizer files (tokenizer=True)."""
+    if looks_local(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: no such folder (a checkpoint folder, or a hub id such as "
+                        "owner/name)")
+    if not tokenizer and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{flag} {path}: no config.json in this folder, so no checkpoint")
+    if tokenizer and os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f))
+                                                     for f in TOKENIZER_FILES):
+        raise UserError(f"{flag} {path}: no tokenizer in this folder (none of "
+                        f"{', '.join(TOKENIZER_FILES)})")
+
+
+def from_pretrained(loader, path, flag, **kwargs):
+    """loader.from_pretrained(path), with a checkpoint whose files are missing, unreadable or cut short
+    (a partial download), or a config.json transformers cannot read, as one line naming the flag.
+    Other errors are not the user's to fix, and keep their traceback."""
+    checkpoint_dir(path, flag, tokenizer=loader.__name__.endswith("Tokenizer"))
+    from safetensors import SafetensorError
+    user_errors = (OSError, SafetensorError) + ((ValueError,) if loader.__name__ == "AutoConfig" else ())
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except user_errors as e:
+        reason = " ".join(str(e).split()) or type(e).__name__       # the whole message, on one line
+        raise UserError(f"{flag} {path}: cannot load it: {reason}") from None

@@ -1,0 +1,1 @@
+"""Tools built on the method files: the demo, the benchmark, and a picture of training runs."""
