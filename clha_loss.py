@@ -49,26 +49,32 @@ def sequence_logps(logits, input_ids, response_mask):
     return response_logps(logits[:, :-1][mask], input_ids[:, 1:][mask], mask.sum(dim=1))
 
 
-def response_logps(scores, targets, lengths):
-    """Eq. 3 from the logits that predict the response tokens, whatever layout the batch had (train.policy_logps).
+def response_logps(scores, targets, lengths, longest=None):
+    """Eq. 3 from the logits that predict the response tokens, whatever the batch's layout was
+    (data.policy_logps).
 
-    scores [M, V]: the logits that predict targets [M], the response tokens of N sequences one sequence after
-    the other; lengths [N]: how many of them each sequence has (|y_i|, summing to M).
+    scores [M, V]: the logits that predict targets [M], the response tokens of N sequences one sequence
+    after the other; lengths [N]: how many each sequence has (|y_i| >= 1, summing to M); longest: the
+    largest of them as a plain number, if known (then nothing here waits for a GPU).
     Returns (mean_logps [N], sum_logps [N]) in float32, or float64 for float64 scores.
 
-    Memory: the one large tensor autograd saves is the float32 [M, V] copy of `scores` (gather and logsumexp
-    share it); the token log-prob is the target's logit minus logsumexp, so no [M, V] log_softmax is kept.
-    The sum over each sequence's tokens is a plain sum over the rows of an [N, max |y|] grid, not an index_add
-    (whose atomic adds on GPUs would make the result depend on thread timing).
+    Memory: the one large tensor autograd saves is the float32 [M, V] copy of `scores` (gather and
+    logsumexp share it); the token log-prob is the target's logit minus logsumexp, so no [M, V]
+    log_softmax is kept. The sum over each sequence's tokens is a plain sum over the rows of an
+    [N, max |y|] grid, not an index_add (whose atomic adds on GPUs would make the result depend on
+    thread timing).
     """
-    empty = (lengths == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"sequences {empty} have no response tokens; Eq. 3 divides by |y_i|, which would be 0")
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))   # bf16 logits: their log-probs in fp32
-    token_logps = scores.gather(1, targets[:, None]).squeeze(1) - scores.logsumexp(dim=1)   # [M] Eq. (3) log P
-    slots = torch.arange(int(lengths.max()), device=lengths.device) < lengths[:, None]    # [N, max |y|]
-    sum_logps = token_logps.new_zeros(slots.shape).masked_scatter(slots, token_logps).sum(dim=1)  # [N] Eq. (3) sum
-    mean_logps = sum_logps / lengths                                   # [N] Eq. (3)
+    if lengths.device.type == "cpu" and (lengths < 1).any():     # on a GPU, checking would wait for it
+        empty = (lengths < 1).nonzero().flatten().tolist()
+        raise ValueError(f"sequences {empty} have no response tokens; Eq. 3 divides by |y_i|")
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))   # bf16 logits: fp32 log-probs
+    token_logps = scores.gather(1, targets[:, None]).squeeze(1) - scores.logsumexp(dim=1)  # [M] Eq. (3) log P
+    N, M = len(lengths), len(targets)
+    sequence = torch.arange(N, device=lengths.device).repeat_interleave(lengths, output_size=M)  # [M]
+    place = torch.arange(M, device=lengths.device) - (lengths.cumsum(0) - lengths)[sequence]     # [M]
+    grid = token_logps.new_zeros(N, longest or int(lengths.max()))                 # [N, max |y|]
+    sum_logps = grid.index_put((sequence, place), token_logps).sum(dim=1)          # [N] Eq. (3) sum
+    mean_logps = sum_logps / lengths                                               # [N] Eq. (3)
     return mean_logps, sum_logps
 
 

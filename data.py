@@ -130,18 +130,18 @@ def encode_sample(tokenizer, sample, max_len=512, max_prompt_len=384):
     return rows
 
 
-# ---- batches --------------------------------------------------------------------------------------------------
+# ---- batches: B prompts with all K candidates, in one of three layouts ---------------------------
 
 def pad_id(tokenizer):
-    """Any id works where nothing attends to it; LLaMA's tokenizer has no pad token, so fall back to EOS."""
+    """Any id works where nothing attends to it; LLaMA has no pad token, so fall back to EOS."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def shared_rows(encoded):
     """One sample's K (prompt ids, response ids) -> (shared ids, [(candidate ids, own prompt tokens)]).
-    The shared part is the longest run of prompt tokens all K have in common. With a byte-level BPE the last
-    prompt tokens can differ between candidates (a token crossing into the reply is the reply's): they stay
-    in each candidate's own part, before its response."""
+    The shared part is the longest run of prompt tokens all K have in common. With a byte-level BPE the
+    last prompt tokens can differ between candidates (a token crossing into the reply is the reply's):
+    they stay in each candidate's own part, before its response."""
     prompts = [prompt for prompt, _ in encoded]
     n = 0
     while n < min(map(len, prompts)) and len({p[n] for p in prompts}) == 1:
@@ -149,101 +149,137 @@ def shared_rows(encoded):
     return prompts[0][:n], [(prompt[n:] + response, len(prompt) - n) for prompt, response in encoded]
 
 
-def collate(rows, samples, pad_id, share_prompt, multiple=8):
-    """Rows (shared ids, [(candidate ids, own prompt tokens)]) -> the batch, padded on the right to a multiple of 8.
+def pack(lengths, pack_len):
+    """The row of each group, in as few rows of at most `pack_len` tokens as hold them all (a longer
+    group gets a row of its own), balanced: the longest row sets every row's padding, so the longest
+    groups go first, each to the shortest row so far."""
+    rows = 1
+    while True:
+        load, count, where = [0] * rows, [0] * rows, [0] * len(lengths)
+        for g in sorted(range(len(lengths)), key=lambda g: -lengths[g]):
+            r = min(range(rows), key=load.__getitem__)
+            where[g], load[r], count[r] = r, load[r] + lengths[g], count[r] + 1
+        if all(n <= pack_len or c == 1 for n, c in zip(load, count)):
+            return where
+        rows += 1
 
-    Every candidate sees the row's shared part and its own earlier tokens, at the positions of a row of its own.
-    For each response token the batch says where the logit that predicts it is (`predict`: row and column),
-    in candidate order, prompt-major (candidate n = b * K + k); `lengths`: response tokens per candidate.
+
+def collate(groups, samples, pad_id, share_prompt, pack_len=None, multiple=8):
+    """Groups (shared ids, [(candidate ids, own prompt tokens)]) -> the batch, padded on the right.
+
+    A group is a prompt with its K candidates (share_prompt) or one candidate with its prompt. Each
+    gets a row of its own, or with pack_len the groups share rows of at most pack_len tokens. Every
+    candidate sees its group's shared part and its own earlier tokens, at the positions it would have
+    in a row of its own, and nothing else. For each response token the batch says where the logit
+    that predicts it is (`predict`: row and column), in candidate order, prompt-major (candidate
+    n = b * K + k); `lengths`: response tokens per candidate.
     """
-    L = -(-max(len(shared) + sum(len(ids) for ids, _ in cands) for shared, cands in rows) // multiple) * multiple
-    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)      # [R, L]
-    positions = torch.zeros(len(rows), L, dtype=torch.long)               # [R, L]
-    real = torch.zeros(len(rows), L, dtype=torch.bool)                    # [R, L] not padding
-    predict, targets, lengths, tokens, blocks = [], [], [], 0, []
-    for r, (shared, cands) in enumerate(rows):
-        P = len(shared)
-        input_ids[r, :P], positions[r, :P] = torch.tensor(shared, dtype=torch.long), torch.arange(P)
-        start, spans = P, []
-        for ids, own_prompt in cands:
+    sizes = [len(shared) + sum(len(ids) for ids, _ in cands) for shared, cands in groups]
+    row_of = pack(sizes, pack_len) if pack_len else list(range(len(groups)))
+    R, fill = max(row_of) + 1, [0] * (max(row_of) + 1)
+    L = -(-max(sum(n for n, r in zip(sizes, row_of) if r == row) for row in range(R)) // multiple) \
+        * multiple
+    input_ids = torch.full((R, L), pad_id, dtype=torch.long)            # [R, L]
+    positions = torch.zeros(R, L, dtype=torch.long)                     # [R, L] within each group
+    segment = torch.zeros(R, L, dtype=torch.long)                       # [R, L] group + 1, 0: padding
+    part = torch.zeros(R, L, dtype=torch.long)                          # [R, L] 0: shared, k + 1: cand. k
+    predict, targets, lengths, tokens = [], [], [], 0
+    for g, ((shared, cands), r) in enumerate(zip(groups, row_of)):
+        at, P = fill[r], len(shared)
+        input_ids[r, at:at + P], positions[r, at:at + P] = torch.tensor(shared), torch.arange(P)
+        start = at + P
+        for k, (ids, own_prompt) in enumerate(cands):
             end = start + len(ids)
             input_ids[r, start:end] = torch.tensor(ids)
-            positions[r, start:end] = torch.arange(P, P + len(ids))      # as if the candidate had the row alone
-            for t in range(own_prompt, len(ids)):         # token t is predicted by the one before it
-                predict.append((r, start + t - 1 if t > 0 else P - 1))
+            positions[r, start:end] = torch.arange(P, P + len(ids))   # as if it had the row alone
+            part[r, start:end] = k + 1
+            for t in range(own_prompt, len(ids)):           # token t is predicted by the one before
+                predict.append((r, start + t - 1 if t > 0 else at + P - 1))
                 targets.append(ids[t])
             lengths.append(len(ids) - own_prompt)
             tokens += P + len(ids)
-            spans.append((start, end))
             start = end
-        real[r, :start] = True
-        blocks.append((P, spans))
-    sees = None
-    if share_prompt:                      # [R, L, L]: the picture in this file's docstring, True where it may attend
-        sees = torch.eye(L, dtype=torch.bool).repeat(len(rows), 1, 1)     # padding sees itself alone
-        for r, (P, spans) in enumerate(blocks):
-            sees[r, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()   # the shared part, causally
-            for start, end in spans:
-                sees[r, start:end, :P] = True                             # a candidate sees the shared part...
-                sees[r, start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()  # ...and itself
-    rows_cols = torch.tensor(predict).T                                   # [2, M]
-    has_rewards = all(s["rewards"] is not None for s in samples) and len({len(s["responses"]) for s in samples}) == 1
+        segment[r, at:start], fill[r] = g + 1, start
+    i = torch.arange(L)
+    # [R, L, L] True where a token may attend: its own group, causally, the shared part or itself
+    sees = (segment[:, :, None] == segment[:, None, :]) & (i[:, None] >= i[None, :]) \
+        & ((part[:, None, :] == 0) | (part[:, :, None] == part[:, None, :]))
+    rows, cols = torch.tensor(predict).T                                # [M] each
+    # the columns whose logits are needed, per row, so that the LM head runs on those alone
+    needed = [sorted(set(cols[rows == r].tolist())) for r in range(R)]
+    keep = torch.tensor([c + c[-1:] * (max(map(len, needed)) - len(c)) for c in needed])   # [R, n]
+    slots = torch.tensor([needed[r].index(c) for r, c in predict])      # [M] the column's place there
+    K = len(samples[0]["responses"])
+    has_rewards = all(s["rewards"] is not None for s in samples) and \
+        all(len(s["responses"]) == K for s in samples)
     return {"input_ids": input_ids,
-            # [R, 1, L, L] True where a token may attend; one candidate a row: the usual [R, L] padding mask
-            "attention_mask": sees[:, None] if share_prompt else real,
-            "position_ids": positions if share_prompt else None,          # None: 0, 1, 2, ... as usual
-            "predict": (rows_cols[0], rows_cols[1]), "targets": torch.tensor(targets), "lengths": torch.tensor(lengths),
-            "tokens": tokens,                                             # real tokens of the B*K sequences
-            "rewards": torch.tensor([s["rewards"] for s in samples], dtype=torch.float32) if has_rewards else None,
+            # one candidate per row, no packing: the usual [R, L] padding mask and positions
+            "attention_mask": sees[:, None] if share_prompt or pack_len else segment > 0,
+            "position_ids": positions if share_prompt or pack_len else None,
+            "predict": (rows, cols), "keep": keep, "slots": slots,
+            "targets": torch.tensor(targets), "lengths": torch.tensor(lengths),
+            "longest": max(lengths),                      # a plain number: no GPU sync to find it
+            "tokens": tokens,                             # the tokens of the B*K sequences
+            "computed": sum(sizes),                       # the tokens this layout computes
+            "rewards": torch.tensor([s["rewards"] for s in samples], dtype=torch.float32)
+            if has_rewards else None,                     # [B, K]
             "sft_index": torch.tensor([s["sft_index"] for s in samples]),   # [B]
-            "K": len(samples[0]["responses"])}
+            "K": K}
 
 
-def make_batch(tokenizer, samples, max_len=512, max_prompt_len=384, share_prompt=False):
-    """Samples -> one batch of their B prompts and all K candidates, as train.py, evaluate.py and benchmark.py
-    build it: one row per candidate, or with share_prompt one row per prompt that computes the prompt once."""
+def make_batch(tokenizer, samples, max_len=512, max_prompt_len=384, share_prompt=False,
+               pack_len=None):
+    """Samples -> one batch of their B prompts and all K candidates: one row per candidate (the
+    authors' layout), or with share_prompt one row per prompt that computes the prompt once, or with
+    share_prompt and pack_len too, the prompts of the batch packed into rows of pack_len tokens."""
     encoded = [encode_sample(tokenizer, s, max_len, max_prompt_len) for s in samples]
-    rows = [shared_rows(e) for e in encoded] if share_prompt else \
+    groups = [shared_rows(e) for e in encoded] if share_prompt else \
         [(prompt, [(response, 0)]) for e in encoded for prompt, response in e]
-    return collate(rows, samples, pad_id(tokenizer), share_prompt)
+    return collate(groups, samples, pad_id(tokenizer), share_prompt,
+                   pack_len if share_prompt else None)
 
 
-# ---- the model's side of a batch: Eq. 3 ------------------------------------------------------------------
+# ---- the model's side of a batch: Eq. 3 ----------------------------------------------------------
 
 def check_layout(config, max_len, flag="--model"):
-    """The shared-prompt layout hands the attention a [B, 1, L, L] mask of its own: sdpa and eager take it (see
-    attention_mask); flash attention would ignore it, and a sliding window shorter than a sequence would not apply."""
+    """The shared-prompt layouts hand the attention a [R, 1, L, L] mask of their own: sdpa and eager
+    take it (see attention_mask); flash attention would ignore it, and a sliding window shorter than
+    a sequence would not apply."""
     impl, window = config._attn_implementation, getattr(config, "sliding_window", None)
     if impl not in ("sdpa", "eager"):
-        raise UserError(f"{flag}: its attention ({impl}) cannot take the shared-prompt mask: pass --no-share-prompt")
+        raise UserError(f"{flag}: its attention ({impl}) cannot take the shared-prompt mask: pass "
+                        "--no-share-prompt")
     if window and max_len > window:
-        raise UserError(f"{flag}: its sliding window ({window}) is shorter than --max-len {max_len}, which the shared-"
-                        "prompt mask would not apply: pass --no-share-prompt")
+        raise UserError(f"{flag}: its sliding window ({window}) is shorter than --max-len {max_len}, "
+                        "which the shared-prompt mask would not apply: pass --no-share-prompt")
 
 
 def attention_mask(model, mask):
-    """The batch's mask as the model's attention takes it. A [R, 1, L, L] one (the shared layout): sdpa reads True
-    as 'may attend'; eager adds the mask to its scores, so it gets 0 and a large negative number (True would add 1)."""
+    """The batch's mask as the model's attention takes it. A [R, 1, L, L] one: sdpa reads True as
+    'may attend'; eager adds the mask to its scores, so it gets 0 and a large negative number."""
     if mask.dim() == 4 and model.config._attn_implementation == "eager":
-        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask,
+                                                                        torch.finfo(torch.float32).min)
     return mask
 
 
 def policy_logps(model, batch):
-    """Eq. 3 for every candidate of a batch from data.make_batch, in either layout -> mean and summed response
-    log-probs [N], N = B * K prompt-major. Under FSDP every forward all-gathers every layer, so all candidates go
-    through one forward (one per candidate would cost K times the communication); the LM head runs only from the
-    first column whose logit predicts a response token."""
-    rows, cols = batch["predict"]                                  # [M] each: where each response token's logit is
-    first = int(cols.min())
-    logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask(model, batch["attention_mask"]),
-                   position_ids=batch["position_ids"], logits_to_keep=batch["input_ids"].shape[1] - first).logits
-    return response_logps(logits[rows, cols - first], batch["targets"], batch["lengths"])   # Eq. 3
+    """Eq. 3 for every candidate of a batch from make_batch, in any layout -> mean and summed response
+    log-probs [N], N = B * K prompt-major. Under FSDP every forward all-gathers every layer, so all
+    candidates go through one forward (one per candidate would cost K times the communication); the
+    LM head runs only on the columns whose logits predict a response token (`keep`)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask(model, batch[
+        "attention_mask"]), position_ids=batch["position_ids"], logits_to_keep=batch["keep"]).logits
+    rows, _ = batch["predict"]                                      # [R, n, V] -> [M, V]
+    return response_logps(logits[rows, batch["slots"]], batch["targets"], batch["lengths"],
+                          batch["longest"])                         # Eq. 3
 
 
 def to_device(batch, device):
     """The batch's tensors on `device`, copied without waiting for the GPU."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else
+            tuple(x.to(device, non_blocking=True) for x in v) if isinstance(v, tuple) else v
+            for k, v in batch.items()}
 
 
 # ---- sampling -------------------------------------------------------------------------------------------------

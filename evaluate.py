@@ -122,13 +122,14 @@ def greedy(model, input_ids, attention_mask, max_new_tokens, tokenizer=None, eos
 
 
 @torch.inference_mode()
-def pair_counts(model, tokenizer, samples, batch_size=4, max_len=512, max_prompt_len=384, share_prompt=True):
+def pair_counts(model, tokenizer, samples, batch_size=4, max_len=512, max_prompt_len=384, share_prompt=True,
+                pack_len=1024):
     """For each sample, how many of its pairs i < j have p_i > p_j: Eq. 3's mean log-prob of each response
     (with its EOS, as in training) given the prompt, teacher-forced as train.py computes it. A tie counts as wrong."""
     counts = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        batch = make_batch(tokenizer, chunk, max_len, max_prompt_len, share_prompt)   # the layout of training
+        batch = make_batch(tokenizer, chunk, max_len, max_prompt_len, share_prompt, pack_len)   # as training
         batch = to_device(batch, model.device)
         logps = policy_logps(model, batch)[0].tolist()                          # [B*K] Eq. (3), prompt-major
         for s in chunk:                                                         # K may vary from sample to sample
@@ -205,7 +206,7 @@ def run_share(todo, cfg, part, progress):
             rewards = rescore.score(rm, rm_tokenizer, format_fn, [s["prompt"] for s in chunk], texts, cfg.batch_size)
             # teacher forcing within the generation's budget: 384 + 128 = the 512-token block of training
             hits = pair_counts(policy, tokenizer, chunk, cfg.batch_size, cfg.max_prompt_len + cfg.max_new_tokens,
-                               cfg.max_prompt_len, cfg.share_prompt)
+                               cfg.max_prompt_len, cfg.share_prompt, cfg.pack and cfg.pack_len)
             records = [{"id": s["id"], "sample_sha256": content(s), "subset": s["subset"], "prompt": s["prompt"],
                         "generation": text, "reference": s["responses"][0].strip(), "reward": reward,
                         "bleu": sentence_bleu(text, s["responses"][0].strip()), "pairs_correct": correct,
@@ -274,7 +275,9 @@ class Config:
     dtype: str = opt("float32", "policy and reward model dtype: float32 as the authors ran them, or bfloat16 "
                                 "(faster on GPUs); float64 makes greedy choices independent of the CPU's kernels",
                      choices=["float32", "bfloat16", "float16", "float64"])
-    share_prompt: bool = opt(True, "teacher forcing with one row per prompt (as train.py)")
+    share_prompt: bool = opt(True, "teacher forcing with each prompt once (as train.py)")
+    pack: bool = opt(True, "teacher forcing with the prompts packed into rows (as train.py)")
+    pack_len: int = opt(1024, "tokens per packed row", at_least=8)
     compare: list[str] = opt(None, "instead: print these finished runs (their --out folders) side by side",
                              nargs="+")
 

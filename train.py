@@ -71,8 +71,12 @@ class Config:
                        at_least=preflight.MIN_RESPONSE_TOKENS + 1)
     max_prompt_len: int = opt(384, "prompt tokens kept, cut from the left (special tokens included)",
                               at_least=1)
-    share_prompt: bool = opt(True, "one row per prompt, its K candidates after it (the same numbers, "
+    share_prompt: bool = opt(True, "each prompt once, its K candidates after it (the same numbers, "
                                    "fewer FLOPs); --no-share-prompt: one row per candidate")
+    pack: bool = opt(True, "the prompts of a micro-batch packed into rows of --pack-len tokens, no "
+                           "padding between them; --no-pack: one row per prompt")
+    pack_len: int = opt(1024, "tokens per packed row (a longer prompt and its K candidates get a row "
+                              "of their own)", at_least=8)
     batch_size: int = opt(2, "prompts per device per micro-batch, each with all K candidates",
                           at_least=1)
     global_batch: int = opt(128, "prompts per optimizer step = batch_size x world x accumulation",
@@ -267,7 +271,7 @@ def validate(cfg, model, samples, tokenizer, rank, world, device):
     for b in range(-(-len(samples[::world]) // cfg.batch_size)):
         chunk = shard[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         batch = data.make_batch(tokenizer, chunk or samples[:1], cfg.max_len, cfg.max_prompt_len,
-                                cfg.share_prompt)
+                                cfg.share_prompt, cfg.pack and cfg.pack_len)
         sums = sums + logs.metric_row(objective(cfg, model, data.to_device(batch, device))[1],
                                       len(chunk))
         prompts += len(chunk)
@@ -288,7 +292,8 @@ def steps_of_batches(cfg, samples, tokenizer, start, world, rank):
     lengths = [data.sample_length(s) for s in samples]
     make = lambda indices: [data.make_batch(
         tokenizer, [samples[i] for i in data.micro_batch(indices, cfg.batch_size, world, rank, m)],
-        cfg.max_len, cfg.max_prompt_len, cfg.share_prompt) for m in range(accumulation)]
+        cfg.max_len, cfg.max_prompt_len, cfg.share_prompt, cfg.pack and cfg.pack_len)
+        for m in range(accumulation)]
     steps = data.iterate_steps(lengths, cfg.global_batch, cfg.seed, cfg.epochs, start,
                                cfg.group_by_length)
     return data.prefetch((step, epoch, make(indices)) for step, epoch, indices in steps)

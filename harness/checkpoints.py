@@ -39,7 +39,7 @@ from harness.fingerprints import check_settings
 # --train and --dev are compared by their contents (a moved file is the same file).
 FREE_ON_RESUME = {"resume", "out", "max_steps", "log_every", "eval_every", "save_every", "keep_checkpoints",
                   "activation_checkpointing", "cpu_offload", "compile", "export_dtype", "share_prompt",
-                  "tensorboard", "wandb"}
+                  "pack", "pack_len", "tensorboard", "wandb"}
 
 
 # ---- train.py: sharded checkpoints -------------------------------------------------------------------------

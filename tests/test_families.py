@@ -287,12 +287,19 @@ def layout_case(model, tokenizer, K, max_len=64, max_prompt_len=32, samples=None
         return torch.autograd.grad(loss, params)
     want = reference_logps(model, rows)
     want_grads = objective_and_grads(*want)
-    for share in (True, False):
-        got = data.policy_logps(model, data.make_batch(tokenizer, samples, max_len, max_prompt_len, share))
+    # the layouts: packed into one row that the two groups fill exactly, and into rows shorter than the
+    # longer group (which gets its own); one row per prompt; one row per candidate
+    sizes = [len(shared) + sum(len(ids) for ids, _ in cands) for shared, cands in
+             (data.shared_rows(data.encode_sample(tokenizer, s, max_len, max_prompt_len)) for s in samples)]
+    layouts = [(True, sum(sizes), 1), (True, max(sizes) - 1, 2), (True, None, 2), (False, None, 2 * K)]
+    for share, pack_len, rows in layouts:
+        batch = data.make_batch(tokenizer, samples, max_len, max_prompt_len, share, pack_len)
+        assert len(batch["input_ids"]) == rows and batch["computed"] == (sum(sizes) if share else batch["tokens"])
+        got = data.policy_logps(model, batch)
         for g, w in zip(got, want):
-            assert torch.allclose(g.to(w.dtype), w, **tol), (share, (g - w).abs().max())
+            assert torch.allclose(g.to(w.dtype), w, **tol), (share, pack_len, (g - w).abs().max())
         for g, w in zip(objective_and_grads(*got), want_grads):
-            assert torch.allclose(g, w, **grad_tol), (share, (g - w).abs().max())
+            assert torch.allclose(g, w, **grad_tol), (share, pack_len, (g - w).abs().max())
 
 
 def plain_model(family, tokenizer, attention="sdpa", dtype=torch.float32):
@@ -315,6 +322,56 @@ def test_shared_prompt_layout_equals_one_row_per_candidate(family, tokenizer_fam
     assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"].shape[:2] == (2, 1)   # one row per prompt
     assert batch["tokens"] == sum(len(p) + len(r) for s in layout_samples(K)
                                   for p, r in data.encode_sample(tokenizer, s, 64, 32))       # counted as B*K rows
+
+
+def test_a_packed_row_is_the_picture_in_data_py():
+    """Two prompts at K = 2 in one row, drawn by hand: prompt a (2 tokens) with candidates of 2 and 1
+    tokens, then prompt b (1 token) with candidates of 1 and 2, then padding to 8. A token sees its own
+    prompt and, within it, the shared part and its own candidate, causally; positions restart at 0."""
+    groups = [([1, 2], [([3, 4], 0), ([5], 0)]), ([6], [([7], 0), ([8, 9], 0)])]
+    samples = [{"responses": ["x", "y"], "rewards": [1.0, 0.0], "sft_index": 0}] * 2
+    batch = data.collate(groups, samples, pad_id=0, share_prompt=True, pack_len=16)
+    picture = """a . . . . . . . . .
+                 a a . . . . . . . .
+                 a a 1 . . . . . . .
+                 a a 1 1 . . . . . .
+                 a a . . 2 . . . . .
+                 . . . . . b . . . .
+                 . . . . . b 1 . . .
+                 . . . . . b . 2 . .
+                 . . . . . b . 2 2 .
+                 . . . . . . . . . p"""
+    rows = [line.split() for line in picture.splitlines()]
+    sees = batch["attention_mask"][0, 0]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 0, 0, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist()[0][:9] == [0, 1, 2, 3, 2, 0, 1, 1, 2]
+    for i in range(9):                       # causally; the first prompt's first token sees only itself
+        assert [j for j in range(10) if sees[i, j]] == [j for j, c in enumerate(rows[i][:10]) if c != "."]
+    assert not sees[9:, :9].any()            # padding sees no real token, and no real token sees it
+    assert not sees[:9, 9:].any()
+    rows_, cols = batch["predict"]           # each response token's logit: the token before it, or the
+    assert cols.tolist() == [1, 2, 1, 5, 5, 7]   # prompt's last for the first (a shared column)
+    assert batch["keep"][0, batch["slots"]].tolist() == cols.tolist()
+
+
+def test_packing_balances_rows_and_gives_a_long_group_its_own():
+    assert data.pack([5, 4, 3, 3, 1], 8) == [0, 1, 1, 0, 1]       # 16 tokens: two rows of 8, by hand
+    assert data.pack([20, 3, 3], 8) == [0, 1, 1]                  # 20 > 8: alone; the rest together
+    assert data.pack([3, 3, 3], 100) == [0, 0, 0]
+    assert data.pack([7, 7, 2], 8) == [0, 1, 2]                   # 7 + 2 > 8: three rows
+    assert data.pack([6, 6, 2], 8) == [0, 1, 0]
+
+
+def test_the_official_reduction_sees_the_same_micro_batch_packed(tokenizers):
+    """--reduction official averages within a micro-batch: packing keeps a micro-batch's prompts, so the
+    objective is the one-row-per-candidate one, to rounding."""
+    tokenizer = tokenizers["bpe"]
+    model = plain_model("llama", tokenizer)
+    samples = layout_samples(3)
+    cfg = train.Config(reduction="official", reward_gap=3.0)
+    losses = [train.objective(cfg, model, data.make_batch(tokenizer, samples, 64, 32, share, pack_len))[0]
+              for share, pack_len in ((False, None), (True, 128), (True, None))]
+    assert all(abs(loss.item() - losses[0].item()) < 1e-5 for loss in losses), losses
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])

@@ -59,7 +59,9 @@ ARCHS = {   # random-weight LlamaConfigs, so that nothing needs a download
 }
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("H800", 989),   # dense bf16,
                ("A100", 312), ("A800", 312), ("L40S", 362)]                                          # first match
-VARIANTS = ("lm", "clha_rows", "clha")
+# what each variant computes: (share the prompt, pack the prompts into rows); lm: a bare causal-LM step
+VARIANTS = {"lm": (False, False), "clha_rows": (False, False), "clha_prompts": (True, False),
+            "clha_packed": (True, True)}
 
 
 @dataclass
@@ -69,7 +71,9 @@ class Config:
     model: str = opt("", "a causal LM checkpoint instead of --arch (its weights are not loaded)")
     lengths: str = opt("", "time the step on this sample file's prompts (data.py format)")
     tokenizer: str = opt("", "--lengths: the tokenizer ('' = --model's, or one trained on the file)")
-    batch_size: int = opt(2, "prompts per device", at_least=1)
+    batch_size: list[int] = opt((2,), "prompts per device per micro-batch (several: a run each)",
+                                nargs="+")
+    pack_len: int = opt(1024, "tokens per packed row (as train.py)", at_least=8)
     k: int = opt(2, "candidates per prompt (random prompts)", at_least=2)
     max_len: int = opt(256, "T, tokens per sequence (with --lengths: at most, as train.py's --max-len)", at_least=8)
     steps: int = opt(5, "timed optimizer steps", at_least=1)
@@ -120,31 +124,36 @@ def peak_flops(device_name, override_tflops=0.0):
     return next((tflops * 1e12 for name, tflops in PEAK_TFLOPS if name in device_name), None)
 
 
-def full_batch(vocab_size, batch_size, K, max_len, seed, share_prompt=False):
-    """B prompts x K candidates of exactly T tokens each: a prompt of random length shared by its candidates,
-    then a response to the end. No padding, so tokens/s counts only real tokens and MFU is not diluted."""
+def full_batch(vocab_size, batch_size, K, max_len, seed, share_prompt=False, pack_len=None):
+    """B prompts x K candidates of exactly T tokens each: a prompt of random length shared by its
+    candidates, then a response to the end. No padding in one row per candidate, so tokens/s counts
+    only real tokens and MFU is not diluted."""
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(4, vocab_size, (n,), generator=g).tolist()
-    rows, samples = [], []
+    groups, samples = [], []
     for _ in range(batch_size):
         prompt = ids(int(torch.randint(max_len // 4, max_len // 2, (), generator=g)))
         cands = [(ids(max_len - len(prompt)), 0) for _ in range(K)]
-        rows += [(prompt, cands)] if share_prompt else [(prompt, [c]) for c in cands]
-        samples.append({"responses": [""] * K, "rewards": (torch.randn(K, generator=g) * 5).tolist(), "sft_index": 0})
-    return data.collate(rows, samples, pad_id=0, share_prompt=share_prompt)
+        groups += [(prompt, cands)] if share_prompt else [(prompt, [c]) for c in cands]
+        samples.append({"responses": [""] * K, "rewards": (torch.randn(K, generator=g) * 5).tolist(),
+                        "sft_index": 0})
+    return data.collate(groups, samples, pad_id=0, share_prompt=share_prompt, pack_len=pack_len)
 
 
 def step_batches(cfg, config, rank):
     """The batches of every step (warmup included), the same prompts for every variant."""
-    share = cfg.variant == "clha"
+    share, packed = VARIANTS[cfg.variant]
+    pack_len = cfg.pack_len if packed else None
+    B = cfg.batch_size[0]
     if not cfg.lengths:
-        return [full_batch(config.vocab_size, cfg.batch_size, cfg.k, cfg.max_len, rank * 1000 + i, share)
+        return [full_batch(config.vocab_size, B, cfg.k, cfg.max_len, rank * 1000 + i, share, pack_len)
                 for i in range(cfg.warmup + cfg.steps)]
     samples, tokenizer = data.read_samples(cfg.lengths), AutoTokenizer.from_pretrained(cfg.tokenizer)
-    samples = [dict(s, rewards=[4.0 * (len(s["responses"]) - k) for k in range(len(s["responses"]))]) for s in samples]
-    draw = random.Random(rank)                                     # rewards 4 apart, best first: every pair kept
-    return [data.make_batch(tokenizer, draw.sample(samples, cfg.batch_size), cfg.max_len, cfg.max_len * 3 // 4, share)
-            for _ in range(cfg.warmup + cfg.steps)]
+    samples = [dict(s, rewards=[4.0 * (len(s["responses"]) - k) for k in range(len(s["responses"]))])
+               for s in samples]                           # rewards 4 apart, best first: all pairs kept
+    draw = random.Random(rank)
+    return [data.make_batch(tokenizer, draw.sample(samples, B), cfg.max_len, cfg.max_len * 3 // 4,
+                            share, pack_len) for _ in range(cfg.warmup + cfg.steps)]
 
 
 class PeakRSS:
@@ -176,8 +185,10 @@ def run_variant(cfg):
     try:
         config = model_config(cfg)
         dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        share, packed = VARIANTS[cfg.variant]
         tcfg = train.Config(model=cfg.model, dtype=dtype, activation_checkpointing=cfg.activation_checkpointing,
-                            cpu_offload=cfg.cpu_offload, compile=cfg.compile, share_prompt=cfg.variant == "clha")
+                            cpu_offload=cfg.cpu_offload, compile=cfg.compile, share_prompt=share, pack=packed,
+                            pack_len=cfg.pack_len)
         model = train.build_model(tcfg, config, device, rank, weights=False)     # random weights, in the shards
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda" and not cfg.cpu_offload)
@@ -206,18 +217,20 @@ def run_variant(cfg):
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         timed = batches[cfg.warmup:]
-        tokens_per_s = sum(b["tokens"] for b in timed) / len(timed) / step_s           # per GPU, as B*K rows
-        # the positions the LM head runs on, as train.policy_logps cuts them (random prompts only)
-        head_share = 1.0 if cfg.variant == "lm" else sum(
-            1 - int(b["predict"][1].min()) / b["input_ids"].shape[1] for b in timed) / len(timed)
+        tokens = sum(b["tokens"] for b in timed)                        # of the B*K sequences, any layout
+        tokens_per_s = tokens / len(timed) / step_s                     # per GPU
+        padding = 1 - sum(b["computed"] for b in timed) / sum(b["input_ids"].numel() for b in timed)
+        # the positions the LM head runs on (data.policy_logps: the columns in `keep`)
+        head_share = 1.0 if cfg.variant == "lm" else sum(b["keep"].numel() for b in timed) / tokens
         peak_device = peak_flops(name, cfg.peak_tflops)
         mfu = flops_per_token(config, cfg.max_len, head_share) * tokens_per_s / peak_device \
             if peak_device and not cfg.lengths else None
         result = {"variant": cfg.variant, "arch": cfg.model or cfg.arch, "params": matmul_params(config)[0],
-                  "world": world, "device": name, "dtype": tcfg.dtype, "B": cfg.batch_size, "K": timed[0]["K"],
+                  "world": world, "device": name, "dtype": tcfg.dtype, "B": cfg.batch_size[0], "K": timed[0]["K"],
                   "T": "file" if cfg.lengths else cfg.max_len, "activation_checkpointing": cfg.activation_checkpointing,
                   "cpu_offload": cfg.cpu_offload, "compile": cfg.compile, "step_s": round(step_s, 4),
                   "steps_per_s": round(1 / step_s, 4), "tokens_per_s_per_gpu": round(tokens_per_s, 1),
+                  "padding": round(padding, 4),
                   "mfu": round(mfu, 4) if mfu else None, **{k: round(v, 2) for k, v in zip(memory, peak.tolist())}}
         if rank == 0:
             print("RESULT " + json.dumps(result), flush=True)
@@ -237,22 +250,26 @@ def run_in_subprocess(argv):
 
 def table(results):
     """Markdown: one row per result, then the ratios of each variant to the others of the same setting."""
-    lines = ["| arch | variant | setting | steps/s | tokens/s per GPU | step (s) | MFU | peak memory (GB) | "
-             "reserved (GB) |", "|---|---|---|---|---|---|---|---|---|"]
-    setting = lambda r: ", ".join(["AC" if r["activation_checkpointing"] else "no AC"] + ["CPU offload"] * r[
-        "cpu_offload"] + ["compile"] * r["compile"] + [f"B {r['B']} x K {r['K']} x T {r['T']}"])
+    lines = ["| arch | variant | setting | steps/s | tokens/s per GPU | padding | step (s) | MFU | "
+             "peak memory (GB) | reserved (GB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    setting = lambda r: ", ".join(["AC" if r["activation_checkpointing"] else "no AC"]
+                                  + ["CPU offload"] * r["cpu_offload"] + ["compile"] * r["compile"]
+                                  + [f"B {r['B']} x K {r['K']} x T {r['T']}"])
     for r in results:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
-        reserved = f"{r['reserved_gb']:.2f}" if "reserved_gb" in r else "n/a"      # a CPU's is its RSS
+        reserved = f"{r['reserved_gb']:.2f}" if "reserved_gb" in r else "n/a"      # a CPU's: its RSS
         lines.append(f"| {r['arch']} | {r['variant']} | {setting(r)} | {r['steps_per_s']:.3f} | "
-                     f"{r['tokens_per_s_per_gpu']:.0f} | {r['step_s']:.3f} | {mfu} | {r['peak_mem_gb']:.2f} | "
-                     f"{reserved} |")
+                     f"{r['tokens_per_s_per_gpu']:.0f} | {r['padding']:.1%} | {r['step_s']:.3f} | {mfu} | "
+                     f"{r['peak_mem_gb']:.2f} | {reserved} |")
     same = lambda a, b: (a["arch"], setting(a)) == (b["arch"], setting(b))
-    for a, b in (("clha", "clha_rows"), ("clha", "lm"), ("clha_rows", "lm")):
+    pairs = [("clha_packed", "clha_prompts"), ("clha_packed", "clha_rows"), ("clha_prompts", "clha_rows"),
+             ("clha_packed", "lm"), ("clha_rows", "lm")]
+    for a, b in pairs:
         for x in (r for r in results if r["variant"] == a):
             for y in (r for r in results if r["variant"] == b and same(x, r)):
-                lines.append(f"| {x['arch']} | {a} / {b} | {setting(x)} | {x['steps_per_s'] / y['steps_per_s']:.2f}x | "
-                             f"| | | {x['peak_mem_gb'] / y['peak_mem_gb']:.2f}x | |")
+                lines.append(f"| {x['arch']} | {a} / {b} | {setting(x)} | "
+                             f"{x['steps_per_s'] / y['steps_per_s']:.2f}x | | | | | "
+                             f"{x['peak_mem_gb'] / y['peak_mem_gb']:.2f}x | |")
     return "\n".join(lines)
 
 
@@ -262,7 +279,8 @@ def environment():
 
 
 def steps(cfg, argv):
-    """The three variants, each in a fresh process; --lengths first settles the tokenizer, once for all three."""
+    """Every variant at every --batch-size, each in a fresh process; --lengths first settles the
+    tokenizer, once for all."""
     with tempfile.TemporaryDirectory() as folder:
         if cfg.lengths and not (cfg.tokenizer or cfg.model):
             from tools import demo                                 # the demo's way: SentencePiece, trained offline
@@ -273,7 +291,8 @@ def steps(cfg, argv):
             argv = argv + ["--tokenizer", cfg.model]
         if cfg.lengths:
             lengths_report(cfg, AutoTokenizer.from_pretrained(argv[argv.index("--tokenizer") + 1]))
-        results = [run_in_subprocess(argv + ["--variant", variant]) for variant in VARIANTS]
+        results = [run_in_subprocess(argv + ["--variant", variant, "--batch-size", str(B)])
+                   for B in cfg.batch_size for variant in VARIANTS]
     print(environment())
     print(table(results))
     return results
@@ -360,9 +379,9 @@ def suite(cfg):
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
     host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     rows = [paper + ["--variant", v] + ac for ac in ([], ["--no-activation-checkpointing"]) for v in VARIANTS]
-    rows.append(paper + ["--variant", "clha", "--compile"])
+    rows.append(paper + ["--variant", "clha_packed", "--compile"])
     seven_b = ["--arch", "llama-7b", "--batch-size", "2", "--k", "2", "--max-len", "512", "--steps", "3",
-               "--variant", "clha"]
+               "--variant", "clha_packed"]
     if gpu_gb >= 120:
         rows.append(seven_b)
     elif host_gb >= 130:
@@ -382,14 +401,30 @@ def suite(cfg):
             print(f"generation, {r['generate']}, batch {r['batch']}: {r['new_tokens_per_s']:.0f} new tokens/s")
 
 
-def padding_share(samples, tokenizer, batch_size, group_by_length, max_len=512, max_prompt_len=384, seed=0):
-    """Share of the tokens in one epoch of train.py's one-row-per-candidate batches that are padding."""
+def padding_share(samples, tokenizer, batch_size, group_by_length, max_len=512, max_prompt_len=384,
+                  share_prompt=False, pack_len=None, seed=0):
+    """Share of what one epoch of train.py's micro-batches computes that is padding, in a layout."""
     lengths = [data.sample_length(s) for s in samples]                 # what train.py groups by
     padded = real = 0
     for step in data.step_batches(lengths, batch_size, seed, 0, group_by_length):
-        batch = data.make_batch(tokenizer, [samples[i] for i in step], max_len, max_prompt_len)
-        padded, real = padded + batch["input_ids"].numel(), real + batch["tokens"]
+        batch = data.make_batch(tokenizer, [samples[i] for i in step], max_len, max_prompt_len,
+                                share_prompt, pack_len)
+        padded, real = padded + batch["input_ids"].numel(), real + batch["computed"]
     return 1 - real / padded
+
+
+def padding_table(path, tokenizer, cfg):
+    """The padding share of each layout at each --batch-size, on a sample file's own lengths."""
+    samples = data.read_samples(path)
+    print(f"{path}: padding share of one epoch, --max-len {cfg.max_len}, --pack-len {cfg.pack_len}")
+    print("| prompts per micro-batch | --group-by-length | one row per candidate | one row per prompt "
+          "| packed |\n|---|---|---|---|---|")
+    for B in cfg.batch_size:
+        for group in (False, True):        # prompts cut to 3/4 of --max-len, as train.py's 384 of 512
+            shares = [padding_share(samples, tokenizer, B, group, cfg.max_len, cfg.max_len * 3 // 4,
+                                    share, cfg.pack_len if packed else None)
+                      for share, packed in ((False, False), (True, False), (True, True))]
+            print(f"| {B} | {group} | " + " | ".join(f"{x:.1%}" for x in shares) + " |", flush=True)
 
 
 def main(argv=None):
@@ -399,13 +434,9 @@ def main(argv=None):
         if path:
             flags.input_file(path, flag)
     if cfg.padding:
-        samples = data.read_samples(cfg.padding)
         tokenizer = from_pretrained(AutoTokenizer, cfg.model, "--model")
         data.check_tokenizer(tokenizer, "--model")
-        for group in (False, True):       # prompts cut to 3/4 of --max-len, as train.py's 384 of 512
-            share = padding_share(samples, tokenizer, cfg.batch_size, group, cfg.max_len, cfg.max_len * 3 // 4)
-            print(f"{cfg.padding}: B = {cfg.batch_size}, --group-by-length {group}: {share:.1%} padding")
-        return None
+        return padding_table(cfg.padding, tokenizer, cfg)
     if cfg.bookkeeping:
         return bookkeeping(cfg.bookkeeping)
     if cfg.generate:
