@@ -28,14 +28,15 @@ one row per candidate, [B*K, L], as the authors do, or (share_prompt) one row pe
              P P . . 2 2
 """
 
-import argparse
+import contextlib
+import dataclasses
 import functools
 import gzip
 import json
 import math
 import os
 import random
-import sys
+import tempfile
 import unicodedata
 import zlib
 from collections import Counter
@@ -47,6 +48,7 @@ from clha_loss import response_logps
 
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 ASSISTANT = "\n\nAssistant:"
+UMASK = os.umask(os.umask(0o022))                     # read once: the mode new files get here
 
 
 class UserError(ValueError):
@@ -466,20 +468,40 @@ def read_samples(path, min_responses=2, check=None):
     return samples
 
 
+@contextlib.contextmanager
+def atomic_file(path):
+    """A binary file that replaces `path` whole once the block ends, or leaves it as it was: written to a
+    temporary file made afresh beside it (so a file or symlink planted under a temporary name is never
+    written through), flushed to the disk, then renamed over `path`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~UMASK)                  # as open() would make it, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
 def write_jsonl(path, samples):
-    """Write JSON lines atomically (gzipped if the name ends in .gz): a crash or a full disk leaves the old file
-    or the new one, never half of one. A symlink is written through: the file it points to is replaced."""
+    """Write JSON lines atomically (gzipped if the name ends in .gz): a crash or a full disk leaves the
+    old file or the new one, never half of one. A symlink is written through: the file it points to is
+    replaced."""
     path = os.path.realpath(path)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with (gzip.open if path.endswith(".gz") else open)(path + ".tmp", "wt", encoding="utf-8") as f:
-            f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-        os.replace(path + ".tmp", path)
+        with atomic_file(path) as raw, (gzip.GzipFile(fileobj=raw, mode="wb", filename="")
+                                        if path.endswith(".gz") else contextlib.nullcontext(raw)) as f:
+            for s in samples:
+                f.write((json.dumps(s, ensure_ascii=False) + "\n").encode("utf-8"))
     except OSError as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise UserError(f"{path}: cannot write it ({e.strerror}); nothing was replaced, rerun once there is "
-                        "room") from None
+        raise UserError(f"{path}: cannot write it ({e.strerror}); nothing was replaced, rerun once "
+                        "there is room") from None
 
 
 # ---- the paper's splits (Sec. 3.1) ------------------------------------------------------------------------
@@ -535,35 +557,33 @@ def add_responses(samples, extra_path):
     return out
 
 
-# ---- command line (plain argparse, so that this file needs no other of ours) ------------------------------------
+# ---- command line (harness/flags.py makes it; the functions above need no file of ours) -----------
 
-class Flags(argparse.ArgumentParser):
-    def error(self, message):      # argparse would print the whole usage first; one line says what to change
-        raise UserError(f"{message} (see --help)")
+@dataclasses.dataclass
+class Config:
+    hh_dir: str = dataclasses.field(default="", metadata={
+        "help": "Anthropic's hh-rlhf folder (four subsets, train and test each)"})
+    out: str = dataclasses.field(default="", metadata={
+        "help": "output folder: train.jsonl, dev.jsonl, test/<subset>.jsonl"})
+    dev_size: int = dataclasses.field(default=280, metadata={
+        "help": "test samples moved to dev.jsonl", "at_least": 0})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the dev draw", "at_least": 0})
+    extra: str = dataclasses.field(default="", metadata={
+        "help": "a sample file with more responses per prompt (HH-RLHF_3)"})
 
 
 def main(argv=None):
-    flags = Flags(description=__doc__.split("\n")[0], allow_abbrev=False)
-    flags.add_argument("--hh-dir", required=True, help="Anthropic's hh-rlhf folder (four subsets, train/test each)")
-    flags.add_argument("--out", required=True, help="output folder: train.jsonl, dev.jsonl, test/<subset>.jsonl")
-    flags.add_argument("--dev-size", type=int, default=280, help="test samples moved to dev.jsonl [>= 0]")
-    flags.add_argument("--seed", type=int, default=0, help="seed of the dev draw")
-    flags.add_argument("--extra", default="", help="a sample file with more responses per prompt (HH-RLHF_3)")
-    args = flags.parse_args(argv)
-    if args.dev_size < 0:
-        raise UserError(f"--dev-size {args.dev_size}: must be at least 0")
-    if args.extra and not os.path.isfile(args.extra):
-        raise UserError(f"--extra {args.extra}: no such file")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {args.out}: cannot create this folder ({e.strerror})") from None
-    build_splits(args.hh_dir, args.out, args.dev_size, args.seed, args.extra)
+    from harness import flags
+    cfg = flags.parse(Config, argv, __doc__.split("\n")[0])
+    if not cfg.hh_dir or not cfg.out:
+        raise UserError("--hh-dir and --out are required")
+    if cfg.extra:
+        flags.input_file(cfg.extra, "--extra")
+    flags.output_dir(cfg.out, "--out")
+    build_splits(cfg.hh_dir, cfg.out, cfg.dev_size, cfg.seed, cfg.extra)
 
 
-if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:     # one line and status 2, as every script here reports a mistake
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2)
+if __name__ == "__main__":          # the module `data`, not this __main__: one UserError class for all
+    import data
+    from harness.flags import run
+    run(data.main)

@@ -36,7 +36,7 @@ from harness.fingerprints import check_settings
 # train.py flags a resumed run may change: where and how often it reports, how the same global batch is split,
 # and how the same arithmetic is laid out. Any other change would alter the data order or the objective.
 # (--batch-size may change only under --reduction paper: "official" averages within each micro-batch.)
-# --train and --dev are compared by their contents (a moved file is the same file).
+# --model, --tokenizer, --train and --dev are compared by their contents (a moved file is the same file).
 FREE_ON_RESUME = {"resume", "out", "max_steps", "log_every", "eval_every", "save_every", "keep_checkpoints",
                   "activation_checkpointing", "cpu_offload", "compile", "export_dtype", "share_prompt",
                   "pack", "pack_len", "tensorboard", "wandb"}
@@ -99,8 +99,11 @@ def find_resumable(cfg, inputs, log=print):
     meta = read_json(os.path.join(path, "meta.json"))
     flags = lambda config: {f"--{k.replace('_', '-')}": v for k, v in config.items()}
     saved = dataclasses.asdict(type(cfg)()) | meta["config"]          # a flag its version lacked had its default
-    recorded = meta.get("inputs") or {f: {"path": os.path.abspath(p), "sha256": None} if p else None
-                                      for f, p in (("--train", saved["train"]), ("--dev", saved["dev"]))}
+    # inputs are compared by their contents; what an older version did not record, by its path
+    legacy = {f: {"path": os.path.abspath(p) if os.path.exists(p) else p, "sha256": None} if p else None
+              for f, p in (("--train", saved["train"]), ("--dev", saved["dev"]),
+                           ("--model", saved["model"]), ("--tokenizer", saved["tokenizer"]))}
+    recorded = legacy | (meta.get("inputs") or {})
     free = FREE_ON_RESUME | ({"batch_size"} if cfg.reduction == "paper" else set())
     check_settings(flags(saved) | recorded, flags(dataclasses.asdict(cfg)) | inputs, f"--resume: {path}",
                    free={f"--{k.replace('_', '-')}" for k in free})

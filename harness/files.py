@@ -10,25 +10,40 @@ import contextlib
 import json
 import os
 
-from data import UserError
+from data import UserError, atomic_file
 
 
 def write_json(path, obj):
     """One JSON document (settings, results), written atomically; a failed write is one line."""
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def write_text(path, text):
+    """A text file written atomically (data.atomic_file); a failed write is one line."""
     try:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(path + ".tmp", path)
+        with atomic_file(path) as f:
+            f.write(text.encode("utf-8"))
     except OSError as e:
         raise UserError(f"{path}: cannot write it ({e.strerror}); rerun once there is room") from None
 
 
-def read_json(path):
+def read_json(path, shape=dict):
+    """A JSON document we wrote, which must be of `shape` (a dict, say): anything else is one line."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); delete it to start over") from None
+    if not isinstance(obj, shape):
+        raise UserError(f"{path}: not what this file holds (a JSON {shape.__name__}); delete it to start "
+                        "over")
+    return obj
+
+
+def open_append(path):
+    """A file to append to, refusing to follow a symlink planted under its name."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def finished_bytes(path):
@@ -48,9 +63,11 @@ def read_parts(paths, keep=lambda record: True):
         for line_no, line in enumerate(text.splitlines(), 1):
             try:
                 record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record["id"], str):
+                    raise TypeError
                 if keep(record):
                     records.setdefault(record["id"], record)
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise UserError(f"{path}:{line_no}: broken line; delete the file to redo its "
                                 "records") from None
     return records
@@ -61,9 +78,8 @@ def appending(path, kept):
     """-> write(lines): append finished records to this rank's part file, flushed, so a kill loses at
     most the batch in hand. An unfinished last line is cut first. A failed write is one line."""
     try:
-        if os.path.exists(path):
-            os.truncate(path, len(finished_bytes(path)))
-        with open(path, "a", encoding="utf-8") as f:
+        with open_append(path) as f:                  # not a symlink: we may cut it
+            os.ftruncate(f.fileno(), len(finished_bytes(path)))
             def write(lines):
                 f.write("".join(lines))
                 f.flush()

@@ -43,7 +43,7 @@ def lock(path, flag, out):
     if not dist.is_initialized() or dist.get_rank() == 0:
         while fd is None:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 error = (f"{flag} {out}: another run is writing it now (it holds {path}); wait for "

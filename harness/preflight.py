@@ -41,7 +41,9 @@ def check_setup(cfg, world, log):
     samples, dev = data.read_samples(cfg.train), data.read_samples(cfg.dev) if cfg.dev else []
     check_samples(cfg, samples, dev, log)
     data.make_batch(tokenizer, samples[:1], cfg.max_len, cfg.max_prompt_len)   # they work together
-    inputs = {"--train": fingerprint(cfg.train), "--dev": fingerprint(cfg.dev) if cfg.dev else None}
+    inputs = {"--train": fingerprint(cfg.train), "--dev": fingerprint(cfg.dev) if cfg.dev else None,
+              "--model": fingerprint(cfg.model),
+              "--tokenizer": fingerprint(cfg.tokenizer) if cfg.tokenizer else None}
     if (checkpoints.step_dirs(cfg.out) or os.path.exists(os.path.join(cfg.out, "final"))) \
             and not cfg.resume:
         raise UserError(f"--out {cfg.out} already holds a run (checkpoints/ or final/): pass --resume, "
