@@ -28,14 +28,15 @@ one row per candidate, [B*K, L], as the authors do, or (share_prompt) one row pe
              P P . . 2 2
 """
 
+import argparse
 import contextlib
-import dataclasses
 import functools
 import gzip
 import json
 import math
 import os
 import random
+import sys
 import tempfile
 import unicodedata
 import zlib
@@ -52,9 +53,16 @@ UMASK = os.umask(os.umask(0o022))                     # read once: the mode new 
 
 
 class UserError(ValueError):
-    """A mistake the user can fix, in a flag, a path or a line of data: the message says where and what to change.
-    Every entry script prints it as one line and exits with status 2 (cli.run); it lives here, the lowest module
-    that raises it, so that this file copies alone."""
+    """A mistake the user can fix, in a flag, a path or a line of data: the message says where and what
+    to change. Every entry script prints it as one line and exits with status 2 (harness/flags.py); it
+    lives here, the lowest module that raises it, so that this file copies alone."""
+
+
+class Parser(argparse.ArgumentParser):
+    """The command line of every script: a mistake in it is a UserError, one line, not argparse's usage."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
 
 
 # ---- tokenization -------------------------------------------------------------------------------------------
@@ -557,33 +565,30 @@ def add_responses(samples, extra_path):
     return out
 
 
-# ---- command line (harness/flags.py makes it; the functions above need no file of ours) -----------
-
-@dataclasses.dataclass
-class Config:
-    hh_dir: str = dataclasses.field(default="", metadata={
-        "help": "Anthropic's hh-rlhf folder (four subsets, train and test each)"})
-    out: str = dataclasses.field(default="", metadata={
-        "help": "output folder: train.jsonl, dev.jsonl, test/<subset>.jsonl"})
-    dev_size: int = dataclasses.field(default=280, metadata={
-        "help": "test samples moved to dev.jsonl", "at_least": 0})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the dev draw", "at_least": 0})
-    extra: str = dataclasses.field(default="", metadata={
-        "help": "a sample file with more responses per prompt (HH-RLHF_3)"})
-
+# ---- command line ---------------------------------------------------------------------------------
 
 def main(argv=None):
-    from harness import flags
-    cfg = flags.parse(Config, argv, __doc__.split("\n")[0])
-    if not cfg.hh_dir or not cfg.out:
-        raise UserError("--hh-dir and --out are required")
-    if cfg.extra:
-        flags.input_file(cfg.extra, "--extra")
-    flags.output_dir(cfg.out, "--out")
-    build_splits(cfg.hh_dir, cfg.out, cfg.dev_size, cfg.seed, cfg.extra)
+    flags = Parser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    flags.add_argument("--hh-dir", required=True, help="Anthropic's hh-rlhf folder (4 subsets)")
+    flags.add_argument("--out", required=True, help="folder: train.jsonl, dev.jsonl, test/<subset>.jsonl")
+    flags.add_argument("--dev-size", type=int, default=280, help="test samples moved to dev [>= 0]")
+    flags.add_argument("--seed", type=int, default=0, help="seed of the dev draw")
+    flags.add_argument("--extra", default="", help="a file of more responses per prompt (HH-RLHF_3)")
+    args = flags.parse_args(argv)
+    if args.dev_size < 0:
+        raise UserError(f"--dev-size {args.dev_size}: must be at least 0")
+    if args.extra and not os.path.isfile(args.extra):
+        raise UserError(f"--extra {args.extra}: no such file")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {args.out}: cannot create this folder ({e.strerror})") from None
+    build_splits(args.hh_dir, args.out, args.dev_size, args.seed, args.extra)
 
 
-if __name__ == "__main__":          # the module `data`, not this __main__: one UserError class for all
-    import data
-    from harness.flags import run
-    run(data.main)
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:     # one line and status 2, as every script here reports a mistake
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

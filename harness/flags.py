@@ -18,7 +18,7 @@ import time
 import typing
 from dataclasses import field
 
-from data import UserError
+from data import Parser, UserError
 
 
 def opt(default, help, *, at_least=None, above=None, choices=None, none=False, nargs=None):
@@ -27,22 +27,11 @@ def opt(default, help, *, at_least=None, above=None, choices=None, none=False, n
                                                 choices=choices, none=none, nargs=nargs))
 
 
-def _meta(field):
-    """A field's metadata, every key present (a Config written without `opt` may leave some out)."""
-    return {"help": "", "at_least": None, "above": None, "choices": None, "none": False, "nargs": None} \
-        | dict(field.metadata)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):      # argparse would print its whole usage; one line says what to change
-        raise UserError(f"{message} (see --help)")
-
-
 def parser_for(config_class, description):
     """An argparse parser with one --flag per field of `config_class`: each default written once."""
     parser = Parser(description=description, allow_abbrev=False)   # --epoch is a typo, not --epochs
     for f in dataclasses.fields(config_class):
-        m, flag = _meta(f), "--" + f.name.replace("_", "-")
+        m, flag = f.metadata, "--" + f.name.replace("_", "-")
         limits = [f">= {m['at_least']}" if m["at_least"] is not None else "",
                   f"> {m['above']}" if m["above"] is not None else ""]
         help = m["help"] + "".join(f" [{x}]" for x in limits if x)
@@ -63,7 +52,7 @@ def parse(config_class, argv=None, description=""):
     """Flags -> a config, every number checked against its field's range."""
     cfg = config_class(**vars(parser_for(config_class, description).parse_args(argv)))
     for f in dataclasses.fields(cfg):
-        value, m, flag = getattr(cfg, f.name), _meta(f), "--" + f.name.replace("_", "-")
+        value, m, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if not math.isfinite(value):
