@@ -92,6 +92,8 @@ class Config:
                                     "AdamW(params, lr))", at_least=0)
     clip: float = opt(1.0, "clip the global gradient norm to this", above=0)
     seed: int = opt(0, "data order and initialisation", at_least=0)
+    max_skipped: int = opt(3, "stop when this many steps in a row had a non-finite loss or gradient "
+                              "norm (such a step is skipped: it never reaches the weights)", at_least=1)
     # the machine
     dtype: str = opt("bfloat16", "compute dtype under FSDP mixed precision (master weights: fp32)",
                      choices=["bfloat16", "float32"])
@@ -129,8 +131,16 @@ def init_distributed(cpu_offload=False):
     # for LLaMA-7B, minutes from a network disk): NCCL's default 10 minutes can run out.
     timeout = timedelta(minutes=60)
     if torch.cuda.is_available():
+        per_node, visible = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+        if per_node > visible:
+            raise UserError(f"--nproc_per_node {per_node}: this node shows {visible} GPUs "
+                            "(CUDA_VISIBLE_DEVICES); start one process per GPU")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
+        # Every CLHA batch hands attention an explicit mask, for which torch prefers cuDNN's kernel on
+        # H100/H200; it has given NaN query gradients at some lengths (pytorch issue 196678). The
+        # memory-efficient and math kernels take the same mask.
+        torch.backends.cuda.enable_cudnn_sdp(False)
         if cpu_offload:    # gradients offloaded to the host are clipped with CPU collectives: gloo's
             dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
         else:
@@ -313,10 +323,11 @@ def main(argv=None):
 
 
 def train(cfg, rank, world, device, log):
-    # setup: every check that can fail before the model loads, and what a resume continues from
+    # setup: every check that can fail before the model loads, and the checkpoints a resume may use
     torch.manual_seed(cfg.seed)
     samples, dev, tokenizer, config, inputs = preflight.check_setup(cfg, world, log)
-    resume_from = checkpoints.prepare(cfg, inputs, rank, log)
+    resumable = checkpoints.find_resumable(cfg, inputs, rank, world, log) if cfg.resume else []
+    run_log = logs.RunLog(cfg, rank, resuming=bool(resumable))   # W&B starts before the weights load
 
     # data: the order is a function of (seed, epoch) alone; micro-batches are tokenized a step ahead
     accumulation = cfg.global_batch // (cfg.batch_size * world)
@@ -333,13 +344,14 @@ def train(cfg, rank, world, device, log):
     fused = device.type == "cuda" and not cfg.cpu_offload          # one kernel for every update
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=fused)
-    start = checkpoints.load(resume_from, model, optimizer, rank) if resume_from else 0
+    start = checkpoints.load(resumable, model, optimizer, rank, log)   # the newest intact one, or 0
+    checkpoints.clean(cfg, start, rank)                # what a kill left, and what will be redone
+    run_log.begin(total, start)
 
     # the loop: one step, its vote (stop here if any rank was told to), then log, validate, save
-    steps = steps_of_batches(cfg, samples, tokenizer, start, world, rank)
-    meter = logs.Meter()
-    with logs.RunLog(cfg, rank, total, start) as run_log, stopping.Preemption() as preemption:
-        for step, epoch, batches in steps:
+    meter, skipped = logs.Meter(), 0
+    with run_log, stopping.Preemption() as preemption:
+        for step, epoch, batches in steps_of_batches(cfg, samples, tokenizer, start, world, rank):
             if step >= total:                                      # --max-steps, or resumed at the end
                 break
             clock, done = time.perf_counter(), step + 1
@@ -348,8 +360,11 @@ def train(cfg, rank, world, device, log):
             sums, grad_norm, applied, stop = clha_step(cfg, model, optimizer, batches, lr,
                                                        preemption.signal, device)
             meter.add(sums, time.perf_counter() - clock, applied)
-            if done % cfg.log_every == 0 or done == total or stop:
+            skipped = 0 if applied else skipped + 1                # not applied: not finite
+            if done % cfg.log_every == 0 or done == total or stop or skipped >= cfg.max_skipped:
                 run_log.write(logs.train_record(done, epoch, meter, lr, grad_norm, device))
+            if skipped >= cfg.max_skipped:
+                raise diverged(done, skipped)
             if dev and (done % cfg.eval_every == 0 or done == total) and not stop:
                 run_log.write({"step": done, "split": "dev",
                                **validate(cfg, model, dev, tokenizer, rank, world, device)})
@@ -363,6 +378,12 @@ def train(cfg, rank, world, device, log):
 
     # the end: one consolidated Hugging Face checkpoint
     checkpoints.export_hf(cfg, model, tokenizer, rank)
+
+
+def diverged(step, skipped):
+    return UserError(f"training diverged: steps {step - skipped + 1}-{step} had a non-finite loss or "
+                     "gradient norm, and none was applied; the checkpoints are kept: lower --lr and "
+                     "resume from the newest (--resume), or raise --max-skipped")
 
 
 def stopped(rank, signum, what):

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import UserError
+from harness.files import open_append, write_text
 
 NAMES = ("loss", "loss_rank", "loss_sft", "pairs_kept", "sft_on", "acc", "acc_kept")
 
@@ -99,22 +100,22 @@ def check_loggers(cfg):
 class RunLog:
     """Rank 0's record of a run: the progress bar, OUT/log.jsonl, and TensorBoard and W&B if asked."""
 
-    def __init__(self, cfg, rank, total, start):
-        self.on = rank == 0
-        self.bar = tqdm(total=total, initial=start, disable=not self.on, desc="train")
-        self.file = open(os.path.join(cfg.out, "log.jsonl"), "a") if self.on else None
-        self.tensorboard = self.wandb = None
-        if self.on and cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # purge_step: a resume redoes what follows
-            self.tensorboard = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=start + 1)
+    def __init__(self, cfg, rank, resuming):
+        """Before the weights load: a W&B run that cannot start (no API key, no network) fails now."""
+        self.on, self.cfg = rank == 0, cfg
+        self.bar = self.file = self.tensorboard = self.wandb = None
         if self.on and cfg.wandb:
-            import wandb
-            id_file = os.path.join(cfg.out, "wandb_id")        # a resumed run continues the same W&B run
-            run_id = open(id_file).read() if start and os.path.exists(id_file) else uuid.uuid4().hex[:8]
-            with open(id_file, "w") as f:
-                f.write(run_id)
-            self.wandb = wandb.init(project=cfg.wandb, dir=cfg.out, id=run_id, resume="allow",
-                                    config=dataclasses.asdict(cfg))
+            self.wandb = start_wandb(cfg, resuming)
+
+    def begin(self, total, start):
+        """Once the resumed checkpoint is loaded, and log.jsonl cut back to its step."""
+        self.bar = tqdm(total=total, initial=start, disable=not self.on, desc="train")
+        if self.on:
+            self.file = open_append(os.path.join(self.cfg.out, "log.jsonl"))
+        if self.on and self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # purge_step: a resume redoes what follows
+            self.tensorboard = SummaryWriter(os.path.join(self.cfg.out, "tensorboard"),
+                                             purge_step=start + 1)
 
     def write(self, record):
         if not self.on:
@@ -143,8 +144,21 @@ class RunLog:
         return self
 
     def __exit__(self, *exc):             # also on an error: the bar ends its line before the error's
-        self.bar.close()
-        if self.on:
-            self.file.close()
-            self.tensorboard and self.tensorboard.close()
-            self.wandb and self.wandb.finish()
+        self.bar and self.bar.close()
+        self.file and self.file.close()
+        self.tensorboard and self.tensorboard.close()
+        self.wandb and self.wandb.finish()
+
+
+def start_wandb(cfg, resuming):
+    """A W&B run in OUT/wandb; a resumed run continues the same one (its id is in OUT/wandb_id)."""
+    import wandb
+    id_file = os.path.join(cfg.out, "wandb_id")
+    run_id = open(id_file).read().strip() if resuming and os.path.exists(id_file) else uuid.uuid4().hex[:8]
+    write_text(id_file, run_id)
+    try:
+        return wandb.init(project=cfg.wandb, dir=cfg.out, id=run_id, resume="allow",
+                          config=dataclasses.asdict(cfg))
+    except wandb.errors.Error as e:
+        raise UserError(f"--wandb {cfg.wandb}: cannot start a run ({' '.join(str(e).split())}): run "
+                        "`wandb login`, or set WANDB_MODE=offline") from None

@@ -318,7 +318,7 @@ def test_resume_refuses_other_settings_and_a_broken_export_loses_nothing(tiny, f
     one_line_error(capsys, train.main, train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"),
                    r"--resume: no complete checkpoint in .* \(2 damaged\)")
 
-    # an export killed halfway leaves final.tmp and the earlier final/ as they were
+    # an export killed halfway leaves its temporary folder and the earlier final/ as they were
     class Dying:
         def save_pretrained(self, path):
             raise KeyboardInterrupt
@@ -330,11 +330,11 @@ def test_resume_refuses_other_settings_and_a_broken_export_loses_nothing(tiny, f
             checkpoints.export_hf(cfg, model, Dying(), rank)
     finally:
         torch.distributed.destroy_process_group()
-    assert (out / "final.tmp" / "config.json").exists()
+    assert [p.name for p in out.glob("final.*.tmp/config.json")]       # under a fresh temporary name
     assert load_file(str(out / "final" / "model.safetensors")).keys() == finished[1].keys()
     # killed between moving final/ aside and putting the new one in place: the next run puts the old one back
     os.replace(out / "final", out / "final.old")
-    checkpoints.clean(cfg, None, rank=0)
+    checkpoints.clean(cfg, 6, rank=0)
     assert sorted(os.listdir(out)) == ["checkpoints", "final", "log.jsonl"]
     assert load_file(str(out / "final" / "model.safetensors")).keys() == finished[1].keys()
 
@@ -585,7 +585,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_with_room_finishes(tiny, two_rank_r
                           "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          preexec_fn=file_size_limit(400_000))
     ours = [line for line in run.stderr.splitlines() if line.startswith("error")]
-    assert run.returncode != 0 and ours == [f"error: cannot write {out}/checkpoints/step_0000003.tmp (the file could not "
+    assert run.returncode != 0 and ours == [f"error: cannot write {out}/checkpoints/step_0000003 (the file could not "
                                             "be written in full): the checkpoints before it are kept; rerun with "
                                             "--resume once there is room"], run.stderr[-3000:]
     assert 'File "' + os.path.join(ROOT, "train.py") not in run.stderr and run.stderr.count("exitcode  : 2") == 2
@@ -625,7 +625,7 @@ def test_a_full_disk_at_the_export_keeps_the_checkpoints(tiny, finished, tmp_pat
     rank, _, device = train.init_distributed()
     try:
         model = train.build_model(cfg, __import__("transformers").AutoConfig.from_pretrained(tiny["base"]), device, 0)
-        with pytest.raises(UserError, match=rf"cannot write {tmp_path}/final.tmp \(No space left on device\): the "
+        with pytest.raises(UserError, match=rf"cannot write {tmp_path}/final \(No space left on device\): the "
                                                 r"checkpoints are kept; rerun with --resume once there is room"):
             checkpoints.export_hf(cfg, model, Full(), rank)
     finally:
