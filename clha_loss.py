@@ -44,6 +44,10 @@ def sequence_logps(logits, input_ids, response_mask):
     if starts_at_zero:
         raise ValueError(f"rows {starts_at_zero} have a response token at position 0, which no logit predicts; "
                          "every sequence needs at least one prompt token (e.g. BOS) before its response")
+    empty = (~response_mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"sequences {empty} have no response tokens; Eq. 3 divides by |y_i|, which "
+                         "would be 0")
     mask = response_mask[:, 1:]                                        # [N, T-1] targets that are response tokens
     # row-major masking keeps the tokens sequence after sequence, as response_logps wants them
     return response_logps(logits[:, :-1][mask], input_ids[:, 1:][mask], mask.sum(dim=1))
@@ -54,8 +58,9 @@ def response_logps(scores, targets, lengths, longest=None):
     (data.policy_logps).
 
     scores [M, V]: the logits that predict targets [M], the response tokens of N sequences one sequence
-    after the other; lengths [N]: how many each sequence has (|y_i| >= 1, summing to M); longest: the
-    largest of them as a plain number, if known (then nothing here waits for a GPU).
+    after the other; lengths [N]: how many each sequence has (|y_i| >= 1, summing to M; not checked
+    here, where checking would wait for a GPU); longest: the largest of them as a plain number, if
+    known (then nothing here waits for a GPU either).
     Returns (mean_logps [N], sum_logps [N]) in float32, or float64 for float64 scores.
 
     Memory: the one large tensor autograd saves is the float32 [M, V] copy of `scores` (gather and
@@ -64,9 +69,6 @@ def response_logps(scores, targets, lengths, longest=None):
     [N, max |y|] grid, not an index_add (whose atomic adds on GPUs would make the result depend on
     thread timing).
     """
-    if lengths.device.type == "cpu" and (lengths < 1).any():     # on a GPU, checking would wait for it
-        empty = (lengths < 1).nonzero().flatten().tolist()
-        raise ValueError(f"sequences {empty} have no response tokens; Eq. 3 divides by |y_i|")
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))   # bf16 logits: fp32 log-probs
     token_logps = scores.gather(1, targets[:, None]).squeeze(1) - scores.logsumexp(dim=1)  # [M] Eq. (3) log P
     N, M = len(lengths), len(targets)

@@ -8,16 +8,21 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import data
+from harness import flags
 from tools import demo
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""       # the tests run on the CPU, on any machine, in subprocesses too
 
 FAMILIES = ("sp", "bpe", "bpe_bos", "bpe_unused_bos")
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -181,6 +186,26 @@ def two_rank_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("two") / "run"
     torchrun(2, train_args(tiny, out, "--max-steps", "9", "--dtype", "float32"))
     return out
+
+
+@pytest.fixture(scope="session")
+def finished(tiny, tmp_path_factory):
+    """A finished 6-step run (checkpoints at 3 and 6), one process, and a copy of its exported weights."""
+    import train
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32"))
+    return out, load_file(str(out / "final" / "model.safetensors"))
+
+
+def one_line_error(capsys, main, argv, pattern):
+    """main(argv) as its command line runs it: exit status 2 and exactly one line on stderr, matching `pattern`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        flags.run(main, argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and re.search(pattern, err), err
+    return err
 
 
 def master_weights(out, step):

@@ -364,7 +364,7 @@ def train(cfg, rank, world, device, log):
             if done % cfg.log_every == 0 or done == total or stop or skipped >= cfg.max_skipped:
                 run_log.write(logs.train_record(done, epoch, meter, lr, grad_norm, device))
             if skipped >= cfg.max_skipped:
-                raise diverged(done, skipped)
+                raise diverged(cfg, done, skipped)
             if dev and (done % cfg.eval_every == 0 or done == total) and not stop:
                 run_log.write({"step": done, "split": "dev",
                                **validate(cfg, model, dev, tokenizer, rank, world, device)})
@@ -380,10 +380,13 @@ def train(cfg, rank, world, device, log):
     checkpoints.export_hf(cfg, model, tokenizer, rank)
 
 
-def diverged(step, skipped):
+def diverged(cfg, step, skipped):
+    """The exit of a run whose last --max-skipped steps were all non-finite: one line, nothing saved."""
+    saved = checkpoints.step_dirs(cfg.out)
+    kept = f"the checkpoints are kept (newest: {os.path.basename(saved[-1])}), " if saved else ""
     return UserError(f"training diverged: steps {step - skipped + 1}-{step} had a non-finite loss or "
-                     "gradient norm, and none was applied; the checkpoints are kept: lower --lr and "
-                     "resume from the newest (--resume), or raise --max-skipped")
+                     f"gradient norm, and none was applied; {kept}nothing more is saved: --resume "
+                     "retries, or start again with a lower --lr")
 
 
 def stopped(rank, signum, what):

@@ -332,7 +332,7 @@ def clean(cfg, start, rank):
             os.replace(final + ".old", final)
         for path in glob.glob(os.path.join(glob.escape(cfg.out), "checkpoints", "*.tmp")) + \
                 glob.glob(glob.escape(final) + "*.tmp") + glob.glob(glob.escape(final) + ".old"):
-            shutil.rmtree(path)
+            os.remove(path) if os.path.islink(path) or not os.path.isdir(path) else shutil.rmtree(path)
         for path in step_dirs(cfg.out):
             if int(os.path.basename(path).split("_")[1]) > start:     # step_N names say N
                 shutil.rmtree(path)

@@ -47,23 +47,24 @@ class Meter:
     def add(self, sums, seconds, applied=True):
         """A step's sums (metric_row's, then tokens, prompts); a step that was not applied is counted
         as skipped and left out of the means."""
-        self.seconds += seconds
         if not applied:
             self.skipped += 1
             return
-        self.steps += 1
+        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
         self.sums = sums if self.sums is None else [a + b for a, b in zip(self.sums, sums)]
 
     def result(self):
-        """The means over prompts since the last result, tokens, tokens per second, steps skipped."""
-        sums = self.sums or [float("nan")] * (len(NAMES) + 3)
-        *metrics, tokens, prompts = sums
-        out = {k: metrics[i] / prompts if prompts else float("nan") for i, k in enumerate(NAMES)}
-        out["acc_kept"] = metrics[6] / metrics[3] if metrics[3] else 0.0
-        out["logp_rank"] = [round(v / prompts, 4) for v in metrics[7:]] if prompts else []
-        out["tokens"] = int(tokens) if prompts else 0
-        if self.seconds > 0 and prompts:
-            out["tokens_per_s"] = round(tokens / self.seconds)
+        """The means over prompts since the last result, tokens, tokens per second, steps skipped
+        (NaN means when every step was skipped)."""
+        out = {k: float("nan") for k in NAMES} | {"logp_rank": [], "tokens": 0}
+        if self.sums is not None:
+            *metrics, tokens, prompts = self.sums
+            out = {k: metrics[i] / prompts for i, k in enumerate(NAMES)}
+            out["acc_kept"] = metrics[6] / metrics[3] if metrics[3] else 0.0
+            out["logp_rank"] = [round(v / prompts, 4) for v in metrics[7:]]
+            out["tokens"] = int(tokens)
+            if self.seconds > 0:
+                out["tokens_per_s"] = round(tokens / self.seconds)
         out["skipped"] = self.skipped
         self.__init__()
         return out

@@ -29,21 +29,10 @@ from harness import checkpoints, files, fingerprints, flags, locks, models
 import evaluate
 import rescore
 import train
-from conftest import torchrun, train_args
+from conftest import finished, one_line_error, torchrun, train_args   # noqa: F401 (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 PROMPT = "\n\nHuman: How do I bake bread?\n\nAssistant:"
-
-
-def one_line_error(capsys, main, argv, pattern):
-    """main(argv) as its command line runs it: exit status 2 and exactly one line on stderr, matching `pattern`."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit:
-        flags.run(main, argv)
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: ") and re.search(pattern, err), err
-    return err
 
 
 def sample(id_, responses=("Mix flour.", "No."), rewards=None, **fields):
@@ -273,14 +262,6 @@ def test_evaluate_mistakes(tiny, tmp_path, capsys):
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def finished(tiny, tmp_path_factory):
-    """A finished 6-step run (checkpoints at 3 and 6), one process, and a copy of its exported weights."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32"))
-    return out, load_file(str(out / "final" / "model.safetensors"))
-
 
 def test_damaged_checkpoint_falls_back_and_nothing_is_lost(tiny, finished, tmp_path, capsys):
     out = tmp_path / "run"

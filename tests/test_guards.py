@@ -1,0 +1,300 @@
+"""What guards a run at first contact: nothing non-finite reaches the weights or a file, a checkpoint
+is verified before it is used and runs no code, and the GPU path's checks that a CPU can exercise.
+
+    python -m pytest tests/test_guards.py
+
+Each test fails on the code before these guards (noted where it is not obvious).
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+from transformers import AutoConfig
+
+import data
+import train
+from data import UserError
+from harness import checkpoints, flags, stopping
+from conftest import finished, master_weights, one_line_error, train_args   # noqa: F401 (fixtures)
+
+STEP6 = os.path.join("checkpoints", "step_0000006")
+
+
+@pytest.fixture
+def one_process():
+    yield train.init_distributed()
+    torch.distributed.destroy_process_group()
+
+
+def build(tiny, **flags):
+    cfg = train.Config(model=tiny["base"], dtype="float32", **flags)
+    rank, _, device = 0, 1, torch.device("cpu")
+    model = train.build_model(cfg, AutoConfig.from_pretrained(tiny["base"]), device, rank)
+    return cfg, model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+# ---- nothing non-finite reaches the weights --------------------------------------------------------
+
+def test_a_diverging_run_stops_in_one_line_and_saves_nothing_non_finite(tiny, tmp_path, capsys):
+    """--lr 1e10: the first update is huge but finite, every loss after it NaN. Before, the run
+    logged NaN and exported NaN weights with exit 0; now those steps are skipped and counted, and
+    three in a row stop the run, which exports nothing."""
+    out = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        flags.run(train.main, train_args(tiny, out, "--lr", "1e10", "--max-steps", "12", "--dtype",
+                                         "float32"))
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert exit.value.code == 2 and len(errors) == 1, errors              # under the progress bar
+    assert re.match(r"error: training diverged: steps 2-4 had a non-finite loss or gradient norm, and "
+                    r"none was applied; the checkpoints are kept \(newest: step_0000003\)", errors[0])
+    assert not (out / "final").exists()
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["skipped"] for r in records] == [0, 1, 1, 1]
+    assert all(torch.isfinite(w).all() for w in master_weights(out, 3).values())
+
+
+def test_non_finite_state_is_neither_saved_nor_exported(tiny, tmp_path, one_process):
+    cfg, model, optimizer = build(tiny, out=str(tmp_path / "run"))
+    os.makedirs(cfg.out)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.to_local()[0, 0] = float("inf")
+    with pytest.raises(UserError, match=r"the weights or AdamW's state at step 5 are not finite, so "
+                                        r"they were not saved"):
+        checkpoints.save(cfg, model, optimizer, 5, 0, 1, {})
+    with pytest.raises(UserError, match="the final weights are not finite, so OUT/final was not"):
+        checkpoints.export_hf(cfg, model, None, 0)
+    assert os.listdir(cfg.out) == ["checkpoints"] and not os.listdir(os.path.join(cfg.out, "checkpoints"))
+
+
+# ---- a damaged checkpoint falls back to the newest intact one ---------------------------------------
+
+def flip_bytes(path):
+    shard = next(p for p in sorted(os.listdir(path)) if p.endswith(".distcp"))
+    with open(os.path.join(path, shard), "r+b") as f:
+        f.seek(os.path.getsize(f.name) // 2)
+        word = f.read(4)
+        f.seek(-4, 1)
+        f.write(bytes(b ^ 0xFF for b in word))              # four bytes flipped, the size unchanged
+
+
+def cut_rng(path):
+    with open(os.path.join(path, "rng_rank0.pt"), "r+b") as f:
+        f.truncate(20)
+
+
+def zero_shard(path):
+    shard = next(p for p in sorted(os.listdir(path)) if p.endswith(".distcp"))
+    size = os.path.getsize(os.path.join(path, shard))
+    with open(os.path.join(path, shard), "wb") as f:
+        f.write(bytes(size))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (flip_bytes, r"__0_0.distcp is not what was written \(its SHA-256 differs\)"),
+    (cut_rng, r"rng_rank0.pt is not what was written \(its SHA-256 differs\)"),
+    (zero_shard, r"__0_0.distcp is not what was written \(its SHA-256 differs\)"),
+])
+def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_it_used(tiny, finished, tmp_path,
+                                                                        capsys, damage, reason):
+    """Before, only sizes were checked: flipped bytes resumed into NaN (AdamW's second moment went
+    negative), and a cut RNG file or a zeroed shard was a traceback."""
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    shutil.rmtree(out / "final")
+    damage(str(out / STEP6))
+    capsys.readouterr()
+    train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
+    printed = capsys.readouterr().out
+    assert re.search(rf"warning: --resume: .*step_0000006 is damaged \({reason}\)", printed), printed
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)   # from step 3, exactly
+
+
+def rewrite(path, model_state, optimizer_state, files=True):
+    """Write a checkpoint folder's shards again from these states, with or without the hashes."""
+    for name in os.listdir(path):
+        if name.endswith(".distcp") or name == ".metadata":
+            os.remove(os.path.join(path, name))
+    dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=path)
+    meta = json.loads(open(os.path.join(path, "meta.json")).read())
+    meta.pop("files")
+    if files:
+        meta["files"] = {n: checkpoints.sha256(os.path.join(path, n)) for n in os.listdir(path)
+                         if n != "meta.json"}
+    open(os.path.join(path, "meta.json"), "w").write(json.dumps(meta))
+
+
+def test_a_checkpoint_whose_state_is_not_finite_is_skipped(tiny, finished, tmp_path, capsys):
+    """Shards with a NaN in AdamW's state, hashed as written (a state saved by a version without the
+    finiteness check, or a kernel's NaN): the loaded state is checked, and the one before it used."""
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    shutil.rmtree(out / "final")
+    train.init_distributed()
+    try:
+        cfg, model, optimizer = build(tiny)
+        checkpoints.load([str(out / STEP6)], model, optimizer, 0)
+        state = get_optimizer_state_dict(model, optimizer)["state"]
+        next(iter(state.values()))["exp_avg_sq"].to_local()[0] = float("nan")
+        rewrite(str(out / STEP6), get_model_state_dict(model), {"state": state})
+    finally:
+        torch.distributed.destroy_process_group()
+    capsys.readouterr()
+    train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
+    assert re.search(r"step_0000006 is damaged \(not finite\); the one before it is tried",
+                     capsys.readouterr().out)
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)
+
+
+def test_a_checkpoint_written_by_the_previous_version_resumes(tiny, finished, tmp_path):
+    """The previous version stored the whole optimizer state dict (its hyperparameters pickled into the
+    shards) and no hashes. It resumes; its pickled parts are never read."""
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    shutil.rmtree(out / "final")
+    train.init_distributed()
+    try:
+        cfg, model, optimizer = build(tiny)
+        checkpoints.load([str(out / STEP6)], model, optimizer, 0)
+        rewrite(str(out / STEP6), get_model_state_dict(model),
+                get_optimizer_state_dict(model, optimizer), files=False)
+    finally:
+        torch.distributed.destroy_process_group()
+    train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert steps == list(range(1, 7))                              # resumed at 6: nothing redone
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)
+
+
+# ---- nothing untrusted runs -------------------------------------------------------------------------
+
+class Planted:
+    """A pickle that runs a command when it is loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("hashes", ["kept", "rewritten", "none"])
+def test_a_pickle_planted_in_a_checkpoint_runs_nothing(tiny, finished, tmp_path, capsys, hashes):
+    """The newest checkpoint's index replaced by a pickle that runs a command: before, --resume ran it
+    (and then trained and exported, exit 0). kept: its hash no longer matches; rewritten: whoever
+    planted it also rewrote meta.json; none: a checkpoint of the previous version, without hashes."""
+    out, marker = tmp_path / "run", tmp_path / "ran"
+    shutil.copytree(finished[0], out)
+    shutil.rmtree(out / "final")
+    index = out / STEP6 / ".metadata"
+    index.write_bytes(pickle.dumps(Planted(marker)))
+    meta = json.loads((out / STEP6 / "meta.json").read_text())
+    if hashes == "rewritten":
+        meta["files"][".metadata"] = hashlib.sha256(index.read_bytes()).hexdigest()
+    if hashes == "none":
+        meta.pop("files")
+    (out / STEP6 / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
+    assert not marker.exists()
+    assert re.search(r"step_0000006 is damaged \(", capsys.readouterr().out)
+    assert load_file(str(out / "final" / "model.safetensors")).keys() == finished[1].keys()
+
+
+def test_planted_temporary_files_and_links_are_not_written_through(tiny, finished, tmp_path):
+    """Names a run writes under for a moment, planted beforehand as links to a victim: the old code
+    wrote log.jsonl.tmp and step_N.tmp/final.tmp through them; now each temporary name is made afresh."""
+    out, victim = tmp_path / "run", tmp_path / "victim"
+    shutil.copytree(finished[0], out)
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / STEP6)                                   # the resumed run saves step 6 again
+    victim.mkdir()
+    (victim / "file").write_text("precious")
+    for name in ("log.jsonl.tmp", "checkpoints/step_0000006.tmp", "final.tmp"):
+        os.symlink(victim / "file" if name.endswith("jsonl.tmp") else victim, out / name)
+    train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
+    assert sorted(os.listdir(victim)) == ["file"] and (victim / "file").read_text() == "precious"
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)
+
+
+# ---- the GPU path, as far as a CPU can show it -------------------------------------------------------
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    """torchrun --nproc_per_node 2 on a node that shows one GPU: before, "invalid device ordinal"."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match=r"--nproc_per_node 2: this node shows 1 GPUs"):
+        train.init_distributed()
+
+
+def test_wandb_that_cannot_start_is_one_line_before_the_weights_load(tiny, tmp_path, monkeypatch,
+                                                                     capsys):
+    """No API key: before, a traceback once the weights had loaded (minutes for LLaMA-7B)."""
+    pytest.importorskip("wandb", reason="pip install wandb to test --wandb (.ci/run does)")
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))                      # no ~/.netrc with a key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("the weights loaded"))
+    one_line_error(capsys, train.main, train_args(tiny, tmp_path / "run", "--wandb", "clha"),
+                   r"--wandb clha: cannot start a run \(.*\): run `wandb login`, or set "
+                   r"WANDB_MODE=offline")
+
+
+def test_compile_keeps_activation_checkpointing(tiny, tokenizer, one_process, monkeypatch):
+    """transformers checkpoints a layer only while type(layer).forward is its wrapper; the old code
+    put the compiled forward on the instance, so --compile silently checkpointed nothing (0 regions
+    per forward instead of one per layer)."""
+    regions = []
+    generator = torch.utils.checkpoint._checkpoint_without_reentrant_generator
+
+    def counted(*args, **kwargs):
+        regions.append(1)
+        yield from generator(*args, **kwargs)
+    monkeypatch.setattr(torch.utils.checkpoint, "_checkpoint_without_reentrant_generator", counted)
+    monkeypatch.setattr(torch._dynamo.config, "debug_backend_override", ">=0:aot_eager")   # no C++ build
+    batch = data.make_batch(tokenizer, tiny["dev_samples"][:2], 128, 64, True, 1024)
+    counts = {}
+    for compile in (False, True):
+        cfg, model, _ = build(tiny, compile=compile)
+        regions.clear()
+        train.objective(cfg, model, batch)[0].backward()
+        counts[compile] = len(regions)
+    torch._dynamo.reset()
+    layers = AutoConfig.from_pretrained(tiny["base"]).num_hidden_layers
+    assert counts == {False: layers, True: layers}
+
+
+def test_a_micro_batch_never_waits_for_the_device(tiny, tokenizer, one_process, monkeypatch):
+    """Forward and backward of a micro-batch convert no tensor to a Python value (on a GPU each would
+    wait for it: int(cols.min()), int(lengths.max()) and nonzero().tolist() did); the step's one wait
+    is its vote."""
+    cfg, model, _ = build(tiny)
+    batch = data.to_device(data.make_batch(tokenizer, tiny["dev_samples"][:4], 128, 64, True, 1024),
+                           torch.device("cpu"))
+    waits = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k:
+                            waits.append(_n) or _o(self, *a, **k))
+    loss, _ = train.objective(cfg, model, batch)
+    loss.backward()
+    assert waits == []
+    sums = torch.zeros(3)
+    stopping.vote(sums, (1, 2))
+    assert waits == ["tolist"]
