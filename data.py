@@ -1,31 +1,30 @@
 """HH-RLHF to ranked candidates, and the batches that train.py and evaluate.py share (Sec. 3.1).
 
-    python data.py --hh-dir hh-rlhf --out data/hh2    # the paper's splits: train, dev, test/<subset> (.jsonl)
+    python data.py --hh-dir hh-rlhf --out data/hh2    # train, dev, test/<subset> (.jsonl)
 
-It prints what it read, skipped and wrote. `hh-rlhf` is Anthropic's repository layout: <subset>/{train,test}.jsonl.gz
-for harmless-base, helpful-base, helpful-online, helpful-rejection-sampled. This file needs no other of ours.
-
-Sample format: one JSON object per line, one line per prompt.
-    {"id": "harmless-base/test/17",           # subset/split/line of the raw file
-     "subset": "harmless-base",
-     "prompt": "\\n\\nHuman: ...\\n\\nAssistant:",  # the dialogue up to and including the last "\\n\\nAssistant:"
+It prints what it read, skipped and wrote; hh-rlhf is Anthropic's repository. This file needs only
+clha_loss.py of ours. A sample is one JSON line per prompt (also the authors' format, gzip or not):
+    {"id": "harmless-base/test/17", "subset": "harmless-base",   # subset/split/line of the raw file
+     "prompt": "\\n\\nHuman: ...\\n\\nAssistant:",  # the dialogue up to its last "Assistant:"
      "responses": ["...", "..."],              # K >= 2 candidate replies, best first once rescored
      "rewards": [4.58, -0.16] or null,         # reward-model scores, null until rescore.py has run
      "sft_index": 0}                           # which response the SFT term trains on
-Raw HH-RLHF gives responses in human order (chosen, rejected). The readers also accept the authors' released
-format ({"prefix", "suffix", "reward", "sft_index"}), and read gzip by its content, whatever the file's name.
 
-A candidate's tokens are the tokenizer's own encoding of prompt + " " + response, its special tokens included,
-then EOS if the whole response fits. A batch holds B prompts with all K candidates (legend: L columns), either
-one row per candidate, [B*K, L], as the authors do, or (share_prompt) one row per prompt, [B, L], whose
-[B, 1, L, L] mask lets each candidate see the prompt and itself, at the positions it would have alone:
+A candidate is the tokenizer's own encoding of prompt + " " + response, then EOS if it fits. A batch
+holds B prompts with all K candidates: one row per candidate, as the authors do; or each prompt once
+with its K candidates after it; or (the default) those prompt groups packed into rows. Two prompts
+packed in one row (P, Q: the prompts; 1, 2: each one's candidates; . masked):
 
-    prompt   P . . . . .        rows: the token attending; columns: the tokens it sees
-             P P . . . .        (a prompt of 2 tokens, candidates of 2 and 2)
-    cand. 1  P P 1 . . .        positions 2, 3
-             P P 1 1 . .
-    cand. 2  P P . . 2 .        positions 2, 3 again
-             P P . . 2 2
+    P . . . . . . . . .    positions 0 1 2 3 4 3 0 1 1 2, as if each candidate had a row alone:
+    P P . . . . . . . .    a token sees its own prompt and its own candidate, never another
+    P P P . . . . . . .    candidate or prompt; each candidate's first response token is
+    P P P 1 . . . . . .    predicted by its prompt's last token
+    P P P 1 1 . . . . .
+    P P P . . 2 . . . .
+    . . . . . . Q . . .
+    . . . . . . Q 1 . .
+    . . . . . . Q . 2 .
+    . . . . . . Q . 2 2
 """
 
 import argparse
@@ -41,7 +40,6 @@ import tempfile
 import unicodedata
 import zlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -53,32 +51,32 @@ UMASK = os.umask(os.umask(0o022))                     # read once: the mode new 
 
 
 class UserError(ValueError):
-    """A mistake the user can fix, in a flag, a path or a line of data: the message says where and what
-    to change. Every entry script prints it as one line and exits with status 2 (harness/flags.py); it
-    lives here, the lowest module that raises it, so that this file copies alone."""
+    """A mistake the user can fix, in a flag, a path or a line of data: the message says what to
+    change. Every script prints it as one line and exits with 2 (harness/flags.py). It lives here, the
+    lowest module that raises it, so that this file copies alone."""
 
 
 class Parser(argparse.ArgumentParser):
-    """The command line of every script: a mistake in it is a UserError, one line, not argparse's usage."""
+    """Every script's command line: a mistake in it is a UserError, not argparse's usage text."""
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
 
 
-# ---- tokenization -------------------------------------------------------------------------------------------
+# ---- tokenization --------------------------------------------------------------------------------
 
 def check_tokenizer(tokenizer, flag):
     """What batching needs of a tokenizer: character offsets (a fast tokenizer) and an EOS token."""
     if not tokenizer.is_fast:
-        raise UserError(f"{flag}: {type(tokenizer).__name__} is not a fast tokenizer; the prompt/response "
-                        "boundary needs its character offsets")
+        raise UserError(f"{flag}: {type(tokenizer).__name__} is not a fast tokenizer; the prompt/"
+                        "response boundary needs its character offsets")
     if tokenizer.eos_token_id is None:
         raise UserError(f"{flag}: the tokenizer has no EOS token, which ends every whole response")
 
 
 def special_prefix(tokenizer):
-    """The ids the tokenizer itself puts before a text (add_special_tokens=True): BOS for LLaMA-1/2/3 and
-    Mistral, nothing for Qwen2, GPT-NeoX or SmolLM2, whatever `bos_token` they define. We follow it, not guess."""
+    """The ids the tokenizer itself puts before a text: BOS for LLaMA-1/2/3 and Mistral, nothing for
+    Qwen2, GPT-NeoX or SmolLM2, whatever `bos_token` they define. We follow it, not guess."""
     with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     return next(with_specials[:n] for n in range(len(with_specials) - len(plain) + 1)
@@ -87,13 +85,13 @@ def special_prefix(tokenizer):
 
 @functools.lru_cache(maxsize=16)
 def max_token_chars(tokenizer):
-    """The most characters one token stands for (its vocabulary's longest entry), so text[:n * this] keeps the
-    first n tokens of text: a 30 MB line is cut before it is tokenized, not after."""
+    """The most characters one token stands for, so that text[:n * this] keeps text's first n tokens:
+    a 30 MB line is cut before it is tokenized, not after."""
     return max(map(len, tokenizer.get_vocab()))
 
 
 def split_tokens(tokenizer, text, boundary):
-    """The tokenizer's own encoding of `text`, split at character `boundary` by the tokens' character offsets:
+    """The tokenizer's own encoding of `text`, split at character `boundary` by the tokens' offsets:
     (the tokens that end before it, the rest). A token that crosses the boundary goes with the rest."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ends = [end for _, end in encoded["offset_mapping"]]
@@ -102,41 +100,39 @@ def split_tokens(tokenizer, text, boundary):
 
 
 def encode_prompt(tokenizer, prompt, max_prompt_len):
-    """The prompt as generation starts from it: the tokenizer's special prefix, then the prompt's last tokens,
-    `max_prompt_len` in all (as the authors count), cut from the left so the end of the dialogue survives.
-    Split as in training, from the encoding of prompt + " ": the space that opens the reply is the reply's."""
+    """The prompt as generation starts from it: the special prefix, then the prompt's last tokens,
+    `max_prompt_len` in all, as training cuts it (the space that opens the reply is the reply's)."""
     prefix = special_prefix(tokenizer)
     keep = max_prompt_len - len(prefix)
     if keep < 1:
-        raise UserError(f"--max-prompt-len {max_prompt_len} leaves no room after {len(prefix)} special tokens")
-    prompt = prompt[-2 * keep * max_token_chars(tokenizer):]     # no need to tokenize what is cut anyway
+        raise UserError(f"--max-prompt-len {max_prompt_len} leaves no room after {len(prefix)} special "
+                        "tokens")
+    prompt = prompt[-2 * keep * max_token_chars(tokenizer):]     # no need to tokenize what is cut
     return prefix + split_tokens(tokenizer, prompt + " ", len(prompt))[0][-keep:]
 
 
 def encode_sample(tokenizer, sample, max_len=512, max_prompt_len=384):
-    """-> K rows (prompt ids, response ids), one per candidate.
-
-    Each row is the tokenizer's own encoding of the dialogue text prompt + " " + response, so a byte-level BPE
-    tokenizer (Llama-3, Qwen2, GPT-NeoX) sees ':' 'ĠHello' as in the raw dialogue, not a glued ':' 'Hello'.
-    The prompt part is what `encode_prompt` gives generation, cut from the left to `max_prompt_len`; the
-    response is cut from the right to fit `max_len`, and only a response that fits whole ends with EOS.
-    """
+    """-> K rows (prompt ids, response ids), one per candidate: the tokenizer's own encoding of the
+    text prompt + " " + response, so a byte-level BPE (Llama-3, Qwen2) sees ':' 'ĠHello' as in the
+    dialogue. The prompt is cut from the left as encode_prompt cuts it, the response from the right to
+    fit `max_len`; only a response that fits whole ends with EOS."""
     prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
     keep = max_prompt_len - len(prefix)
     if keep < 1 or max_len - max_prompt_len < 1:
-        raise UserError(f"--max-prompt-len {max_prompt_len} and --max-len {max_len} leave no room for the prompt "
-                        f"after {len(prefix)} special tokens, or for the response")
+        raise UserError(f"--max-prompt-len {max_prompt_len} and --max-len {max_len} leave no room for "
+                        f"the prompt after {len(prefix)} special tokens, or for the response")
     chars = 2 * max_len * max_token_chars(tokenizer)
-    prompt = sample["prompt"][-chars:]
-    rows = []
+    prompt, rows = sample["prompt"][-chars:], []
     for response in sample["responses"]:
-        prompt_ids, response_ids = split_tokens(tokenizer, prompt + " " + response.strip()[:chars], len(prompt))
+        prompt_ids, response_ids = split_tokens(tokenizer, prompt + " " + response.strip()[:chars],
+                                                len(prompt))
         prompt_ids = prefix + prompt_ids[-keep:]
-        if not prompt_ids:                          # Eq. 3 needs a token before the response to predict it from
-            raise UserError(f"sample {sample.get('id')}: its prompt has no token of its own before the response")
+        if not prompt_ids:                     # Eq. 3 needs a token before the response to predict it
+            raise UserError(f"sample {sample.get('id')}: its prompt has no token of its own before the "
+                            "response")
         room = max_len - len(prompt_ids)
-        response_ids = response_ids + [eos] if len(response_ids) < room else response_ids[:room]
-        rows.append((prompt_ids, response_ids))
+        rows.append((prompt_ids, response_ids + [eos] if len(response_ids) < room else
+                     response_ids[:room]))
     return rows
 
 
@@ -149,9 +145,9 @@ def pad_id(tokenizer):
 
 def shared_rows(encoded):
     """One sample's K (prompt ids, response ids) -> (shared ids, [(candidate ids, own prompt tokens)]).
-    The shared part is the longest run of prompt tokens all K have in common. With a byte-level BPE the
-    last prompt tokens can differ between candidates (a token crossing into the reply is the reply's):
-    they stay in each candidate's own part, before its response."""
+    The shared part is the longest run of prompt tokens all K have in common: with a byte-level BPE
+    the last prompt tokens can differ (a token crossing into the reply is the reply's), and stay in
+    each candidate's own part, before its response."""
     prompts = [prompt for prompt, _ in encoded]
     n = 0
     while n < min(map(len, prompts)) and len({p[n] for p in prompts}) == 1:
@@ -160,9 +156,9 @@ def shared_rows(encoded):
 
 
 def pack(lengths, pack_len):
-    """The row of each group, in as few rows of at most `pack_len` tokens as hold them all (a longer
-    group gets a row of its own), balanced: the longest row sets every row's padding, so the longest
-    groups go first, each to the shortest row so far."""
+    """The row of each group, in as few rows of at most `pack_len` tokens as hold them (a longer group
+    gets a row of its own), balanced: the longest row sets every row's padding, so the longest groups
+    go first, each to the shortest row so far."""
     rows = 1
     while True:
         load, count, where = [0] * rows, [0] * rows, [0] * len(lengths)
@@ -177,12 +173,10 @@ def pack(lengths, pack_len):
 def collate(groups, samples, pad_id, share_prompt, pack_len=None, multiple=8):
     """Groups (shared ids, [(candidate ids, own prompt tokens)]) -> the batch, padded on the right.
 
-    A group is a prompt with its K candidates (share_prompt) or one candidate with its prompt. Each
-    gets a row of its own, or with pack_len the groups share rows of at most pack_len tokens. Every
-    candidate sees its group's shared part and its own earlier tokens, at the positions it would have
-    in a row of its own, and nothing else. For each response token the batch says where the logit
-    that predicts it is (`predict`: row and column), in candidate order, prompt-major (candidate
-    n = b * K + k); `lengths`: response tokens per candidate.
+    A group is a prompt with its K candidates (share_prompt), or one candidate with its prompt; each
+    has a row, or with pack_len they share rows of at most pack_len tokens. For each response token
+    the batch says where the logit that predicts it is (`predict`: row and column), in candidate order,
+    prompt-major (candidate n = b * K + k); `lengths`: the response tokens of each candidate.
     """
     sizes = [len(shared) + sum(len(ids) for ids, _ in cands) for shared, cands in groups]
     row_of = pack(sizes, pack_len) if pack_len else list(range(len(groups)))
@@ -207,8 +201,7 @@ def collate(groups, samples, pad_id, share_prompt, pack_len=None, multiple=8):
                 predict.append((r, start + t - 1 if t > 0 else at + P - 1))
                 targets.append(ids[t])
             lengths.append(len(ids) - own_prompt)
-            tokens += P + len(ids)
-            start = end
+            tokens, start = tokens + P + len(ids), end
         segment[r, at:start], fill[r] = g + 1, start
     i = torch.arange(L)
     # [R, L, L] True where a token may attend: its own group, causally, the shared part or itself
@@ -218,15 +211,14 @@ def collate(groups, samples, pad_id, share_prompt, pack_len=None, multiple=8):
     # the columns whose logits are needed, per row, so that the LM head runs on those alone
     needed = [sorted(set(cols[rows == r].tolist())) for r in range(R)]
     keep = torch.tensor([c + c[-1:] * (max(map(len, needed)) - len(c)) for c in needed])   # [R, n]
-    slots = torch.tensor([needed[r].index(c) for r, c in predict])      # [M] the column's place there
     K = len(samples[0]["responses"])
-    has_rewards = all(s["rewards"] is not None for s in samples) and \
-        all(len(s["responses"]) == K for s in samples)
+    has_rewards = all(s["rewards"] is not None and len(s["responses"]) == K for s in samples)
     return {"input_ids": input_ids,
             # one candidate per row, no packing: the usual [R, L] padding mask and positions
             "attention_mask": sees[:, None] if share_prompt or pack_len else segment > 0,
             "position_ids": positions if share_prompt or pack_len else None,
-            "predict": (rows, cols), "keep": keep, "slots": slots,
+            "predict": (rows, cols), "keep": keep,
+            "slots": torch.tensor([needed[r].index(c) for r, c in predict]),   # [M] place in keep
             "targets": torch.tensor(targets), "lengths": torch.tensor(lengths),
             "longest": max(lengths),                      # a plain number: no GPU sync to find it
             "tokens": tokens,                             # the tokens of the B*K sequences
@@ -239,9 +231,8 @@ def collate(groups, samples, pad_id, share_prompt, pack_len=None, multiple=8):
 
 def make_batch(tokenizer, samples, max_len=512, max_prompt_len=384, share_prompt=False,
                pack_len=None):
-    """Samples -> one batch of their B prompts and all K candidates: one row per candidate (the
-    authors' layout), or with share_prompt one row per prompt that computes the prompt once, or with
-    share_prompt and pack_len too, the prompts of the batch packed into rows of pack_len tokens."""
+    """Samples -> one batch of their B prompts and all K candidates: one row per candidate, or with
+    share_prompt one row per prompt, or with share_prompt and pack_len the prompts packed in rows."""
     encoded = [encode_sample(tokenizer, s, max_len, max_prompt_len) for s in samples]
     groups = [shared_rows(e) for e in encoded] if share_prompt else \
         [(prompt, [(response, 0)]) for e in encoded for prompt, response in e]
@@ -249,12 +240,10 @@ def make_batch(tokenizer, samples, max_len=512, max_prompt_len=384, share_prompt
                    pack_len if share_prompt else None)
 
 
-# ---- the model's side of a batch: Eq. 3 ----------------------------------------------------------
-
 def check_layout(config, max_len, flag="--model"):
     """The shared-prompt layouts hand the attention a [R, 1, L, L] mask of their own: sdpa and eager
-    take it (see attention_mask); flash attention would ignore it, and a sliding window shorter than
-    a sequence would not apply."""
+    take it; flash attention would ignore it, and a sliding window shorter than a sequence would not
+    apply."""
     impl, window = config._attn_implementation, getattr(config, "sliding_window", None)
     if impl not in ("sdpa", "eager"):
         raise UserError(f"{flag}: its attention ({impl}) cannot take the shared-prompt mask: pass "
@@ -264,49 +253,41 @@ def check_layout(config, max_len, flag="--model"):
                         "which the shared-prompt mask would not apply: pass --no-share-prompt")
 
 
-def attention_mask(model, mask):
-    """The batch's mask as the model's attention takes it. A [R, 1, L, L] one: sdpa reads True as
-    'may attend'; eager adds the mask to its scores, so it gets 0 and a large negative number."""
-    if mask.dim() == 4 and model.config._attn_implementation == "eager":
-        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask,
-                                                                        torch.finfo(torch.float32).min)
-    return mask
-
-
 def policy_logps(model, batch):
     """Eq. 3 for every candidate of a batch from make_batch, in any layout -> mean and summed response
-    log-probs [N], N = B * K prompt-major. Under FSDP every forward all-gathers every layer, so all
-    candidates go through one forward (one per candidate would cost K times the communication); the
+    log-probs [N], N = B * K prompt-major. All candidates go through one forward (under FSDP each
+    forward all-gathers every layer: one per candidate would cost K times the communication), and the
     LM head runs only on the columns whose logits predict a response token (`keep`)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask(model, batch[
-        "attention_mask"]), position_ids=batch["position_ids"], logits_to_keep=batch["keep"]).logits
-    rows, _ = batch["predict"]                                      # [R, n, V] -> [M, V]
-    return response_logps(logits[rows, batch["slots"]], batch["targets"], batch["lengths"],
-                          batch["longest"])                         # Eq. 3
+    mask = batch["attention_mask"]
+    if mask.dim() == 4 and model.config._attn_implementation == "eager":   # eager adds it: 0 or -inf
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(
+            torch.float32).min)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch[
+        "position_ids"], logits_to_keep=batch["keep"]).logits      # [R, n, V]
+    scores = logits[batch["predict"][0], batch["slots"]]            # [M, V]
+    return response_logps(scores, batch["targets"], batch["lengths"], batch["longest"])   # Eq. 3
 
 
 def to_device(batch, device):
     """The batch's tensors on `device`, copied without waiting for the GPU."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else
-            tuple(x.to(device, non_blocking=True) for x in v) if isinstance(v, tuple) else v
-            for k, v in batch.items()}
+    move = lambda v: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+    return {k: tuple(map(move, v)) if isinstance(v, tuple) else move(v) for k, v in batch.items()}
 
 
-# ---- sampling -------------------------------------------------------------------------------------------------
+# ---- sampling ------------------------------------------------------------------------------------
 
 def step_batches(lengths, global_batch, seed, epoch, group_by_length=False, window=32):
     """Sample indices of each optimizer step in one epoch; the order depends only on (seed, epoch).
-
-    The last len(lengths) % global_batch samples of the shuffled order are left out of this epoch.
-    group_by_length: sort by length within windows of `window` steps, then shuffle the steps, so that
-    the prompts of a micro-batch have similar lengths (less padding) while the epoch stays random.
-    """
+    The last len(lengths) % global_batch samples of the shuffled order are left out. group_by_length:
+    sort by length within windows of `window` steps, then shuffle the steps, so that a micro-batch's
+    prompts have similar lengths (less padding) while the epoch stays random."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
     order = order[:len(order) // global_batch * global_batch]
     if group_by_length:
         span = window * global_batch
-        order = [i for w in range(0, len(order), span) for i in sorted(order[w:w + span], key=lengths.__getitem__)]
+        order = [i for w in range(0, len(order), span)
+                 for i in sorted(order[w:w + span], key=lengths.__getitem__)]
     steps = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
     if group_by_length:
         steps = [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
@@ -314,8 +295,8 @@ def step_batches(lengths, global_batch, seed, epoch, group_by_length=False, wind
 
 
 def iterate_steps(lengths, global_batch, seed, epochs, start=0, group_by_length=False):
-    """Yield (step number, epoch, sample indices of that step) from optimizer step `start` to the end of
-    training: a resumed run sees exactly the batches an uninterrupted one would have seen."""
+    """Yield (step number, epoch, sample indices of that step) from optimizer step `start` on: a
+    resumed run sees exactly the batches an uninterrupted one would have seen."""
     per_epoch = len(lengths) // global_batch
     for epoch in range(start // per_epoch, epochs):
         for i, step in enumerate(step_batches(lengths, global_batch, seed, epoch, group_by_length)):
@@ -324,23 +305,10 @@ def iterate_steps(lengths, global_batch, seed, epochs, start=0, group_by_length=
 
 
 def micro_batch(step, batch_size, world_size, rank, micro):
-    """The indices that `rank` trains on in accumulation step `micro` of one optimizer step.
-
-    Laid out so that the same global batch gives the same micro-batches whatever the split into ranks
-    and accumulation steps (1 rank x 2 accumulation steps == 2 ranks x 1).
-    """
+    """The indices `rank` trains on in accumulation step `micro` of one optimizer step: the same global
+    batch gives the same micro-batches whatever the split (1 rank x 2 accumulation == 2 ranks x 1)."""
     start = (micro * world_size + rank) * batch_size
     return step[start:start + batch_size]
-
-
-def prefetch(items):
-    """The items of an iterator, each made in a thread while the caller works on the one before."""
-    with ThreadPoolExecutor(1) as worker:
-        items = iter(items)
-        ahead = worker.submit(next, items, None)
-        while (item := ahead.result()) is not None:
-            ahead = worker.submit(next, items, None)
-            yield item
 
 
 def sample_length(sample):
@@ -348,10 +316,11 @@ def sample_length(sample):
     return len(sample["prompt"]) + max(len(r) for r in sample["responses"])
 
 
-# ---- reading --------------------------------------------------------------------------------------------
+# ---- reading and writing sample files ------------------------------------------------------------
 
 def _json_lines(path):
-    """Yield (line number, object) for each non-empty line, gzip or not; a broken line is an error naming file:line."""
+    """Yield (line number, object) for each non-empty line, gzip or not; a broken line is an error
+    naming file:line."""
     try:
         with open(path, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
@@ -363,41 +332,31 @@ def _json_lines(path):
             for line_no, raw in enumerate(f, 1):
                 try:
                     line = raw.decode("utf-8").lstrip("\ufeff")
+                    obj = json.loads(line) if line.strip() else None
                 except UnicodeDecodeError as e:
-                    raise UserError(f"{path}:{line_no}: not UTF-8 text (byte {e.start}: {raw[e.start:e.end]!r})") \
-                        from None
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
+                    raise UserError(f"{path}:{line_no}: not UTF-8 text (byte {e.start}: "
+                                    f"{raw[e.start:e.end]!r})") from None
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-                yield line_no, obj
+                if line.strip() and not isinstance(obj, dict):
+                    raise UserError(f"{path}:{line_no}: expected a JSON object, got "
+                                    f"{type(obj).__name__}")
+                if obj is not None:
+                    yield line_no, obj
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise UserError(f"{path}:{line_no + 1}: broken gzip data ({e}); is the file complete?") from None
 
 
 def visible(text):
-    """Whether the text shows anything: a character that is not whitespace, a control or a format character
-    (a zero-width space alone is no reply, though str.strip keeps it)."""
+    """Whether the text shows anything: a character that is not whitespace, a control or a format
+    character (a zero-width space alone is no reply, though str.strip keeps it)."""
     return any(not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf") for c in text)
 
 
-def split_dialogue(dialogue):
-    """'...\\n\\nAssistant: reply' -> (prompt up to and including the last '\\n\\nAssistant:', reply stripped)."""
-    cut = dialogue.rfind(ASSISTANT) + len(ASSISTANT)
-    return dialogue[:cut], dialogue[cut:].strip()
-
-
 def read_hh_rlhf(path, subset=None, split=None):
-    """Anthropic's {"chosen", "rejected"} lines -> (samples, skipped counts), one sample per usable line.
-
-    The whole last assistant turn is kept, every paragraph of it (the authors' preprocessing keeps only the
-    first). Pairs with an empty reply, or whose two dialogues differ before the last reply, are skipped and
-    counted in `skipped`.
-    """
+    """Anthropic's {"chosen", "rejected"} lines -> (samples, skipped counts): the prompt is everything
+    up to the last '\\n\\nAssistant:', the reply all of the rest (the authors' preprocessing keeps only
+    its first paragraph). Pairs with an empty reply, or whose dialogues differ before it, are skipped."""
     subset = subset or os.path.basename(os.path.dirname(os.path.abspath(path)))
     split = split or os.path.basename(path).split(".")[0]
     samples, skipped = [], Counter()
@@ -406,9 +365,10 @@ def read_hh_rlhf(path, subset=None, split=None):
             raise UserError(f"{path}:{line_no}: expected string fields 'chosen' and 'rejected'")
         if ASSISTANT not in obj["chosen"] or ASSISTANT not in obj["rejected"]:
             raise UserError(f"{path}:{line_no}: a dialogue has no '\\n\\nAssistant:' turn")
-        prompt, chosen = split_dialogue(obj["chosen"])
-        rejected_prompt, rejected = split_dialogue(obj["rejected"])
-        if prompt != rejected_prompt:
+        (prompt, chosen), (other, rejected) = [
+            (d[:d.rfind(ASSISTANT) + len(ASSISTANT)], d[d.rfind(ASSISTANT) + len(ASSISTANT):].strip())
+            for d in (obj["chosen"], obj["rejected"])]
+        if prompt != other:
             skipped["prompts differ"] += 1
         elif not visible(chosen) or not visible(rejected):
             skipped["empty reply"] += 1
@@ -416,22 +376,9 @@ def read_hh_rlhf(path, subset=None, split=None):
             samples.append({"id": f"{subset}/{split}/{line_no}", "subset": subset, "prompt": prompt,
                             "responses": [chosen, rejected], "rewards": None, "sft_index": 0})
     if not samples:
-        raise UserError(f"{path}: no usable dialogue pairs (skipped: {dict(skipped) or 'none, the file is empty'})")
+        raise UserError(f"{path}: no usable dialogue pairs (skipped: "
+                        f"{dict(skipped) or 'none, the file is empty'})")
     return samples, skipped
-
-
-def _from_authors_format(obj, where):
-    """The authors' {"prefix", "suffix", "reward", "sft_index"} line -> our sample."""
-    prefix, suffix = obj.get("prefix"), obj.get("suffix")
-    is_list_of = lambda value, kind: isinstance(value, list) and all(isinstance(v, kind) for v in value)
-    if not (is_list_of(prefix, list) and prefix and is_list_of(prefix[0], str) and is_list_of(suffix, str)):
-        raise UserError(f"{where}: the authors' format needs 'prefix' as lists of turn strings and 'suffix' as "
-                        "a list of response strings")
-    prompt = "".join(prefix[0]).replace("<|prompter|>", "\n\nHuman: ").replace("<|assistant|>", "\n\nAssistant: ")
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    subset = next((s for s in SUBSETS if s in str(meta.get("path", ""))), "unknown")
-    return {"id": f"{subset}/{meta.get('line_num', where)}", "subset": subset, "prompt": prompt.rstrip(),
-            "responses": suffix, "rewards": obj.get("reward"), "sft_index": obj.get("sft_index", 0)}
 
 
 def check_sample(s, where, min_responses=2):
@@ -443,11 +390,13 @@ def check_sample(s, where, min_responses=2):
         raise UserError(f"{where}: the prompt is empty")
     K, rewards = len(s["responses"]), s.get("rewards")
     if K < min_responses or not all(isinstance(r, str) and visible(r) for r in s["responses"]):
-        raise UserError(f"{where}: 'responses' must hold at least {min_responses} strings with visible text")
+        raise UserError(f"{where}: 'responses' must hold at least {min_responses} strings with "
+                        "visible text")
     if rewards is not None and not (isinstance(rewards, list) and len(rewards) == K and all(
-            isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in rewards)):
-        raise UserError(f"{where}: 'rewards' must be null or a list of {K} finite numbers, one per response; "
-                        f"got {rewards!r:.60}")
+            isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r)
+            for r in rewards)):
+        raise UserError(f"{where}: 'rewards' must be null or a list of {K} finite numbers, one per "
+                        f"response; got {rewards!r:.60}")
     if not 0 <= s["sft_index"] < K:
         raise UserError(f"{where}: sft_index {s['sft_index']} is not a response index (K = {K})")
     if not isinstance(s.get("subset", ""), str):
@@ -455,8 +404,8 @@ def check_sample(s, where, min_responses=2):
 
 
 def read_samples(path, min_responses=2, check=None):
-    """Samples from a file in our format or the authors' released format (detected per line).
-    check(sample): a further test of each sample; the UserError it raises is reported at file:line."""
+    """Samples from a file in our format or the authors' (detected per line). check(sample): a further
+    test of each sample; the UserError it raises is reported at file:line."""
     samples = []
     for line_no, obj in _json_lines(path):
         where = f"{path}:{line_no}"
@@ -469,18 +418,32 @@ def read_samples(path, min_responses=2, check=None):
         samples.append(sample)
     if not samples:
         raise UserError(f"{path}: no samples, the file is empty")
-    ids = Counter(s["id"] for s in samples)
-    repeated = [i for i, n in ids.items() if n > 1]
+    repeated = [i for i, n in Counter(s["id"] for s in samples).items() if n > 1]
     if repeated:
         raise UserError(f"{path}: {len(repeated)} ids occur more than once, e.g. {repeated[0]!r}")
     return samples
 
 
+def _from_authors_format(obj, where):
+    """The authors' {"prefix", "suffix", "reward", "sft_index"} line -> our sample."""
+    prefix, suffix = obj.get("prefix"), obj.get("suffix")
+    list_of = lambda value, kind: isinstance(value, list) and all(isinstance(v, kind) for v in value)
+    if not (list_of(prefix, list) and prefix and list_of(prefix[0], str) and list_of(suffix, str)):
+        raise UserError(f"{where}: the authors' format needs 'prefix' as lists of turn strings and "
+                        "'suffix' as a list of response strings")
+    prompt = "".join(prefix[0]).replace("<|prompter|>", "\n\nHuman: ").replace("<|assistant|>",
+                                                                               "\n\nAssistant: ")
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    subset = next((s for s in SUBSETS if s in str(meta.get("path", ""))), "unknown")
+    return {"id": f"{subset}/{meta.get('line_num', where)}", "subset": subset, "prompt": prompt.rstrip(),
+            "responses": suffix, "rewards": obj.get("reward"), "sft_index": obj.get("sft_index", 0)}
+
+
 @contextlib.contextmanager
 def atomic_file(path):
-    """A binary file that replaces `path` whole once the block ends, or leaves it as it was: written to a
-    temporary file made afresh beside it (so a file or symlink planted under a temporary name is never
-    written through), flushed to the disk, then renamed over `path`."""
+    """A binary file that replaces `path` whole when the block ends, or leaves it as it was: written
+    under a temporary name made afresh (a file or link planted under a temporary name is never written
+    through), flushed to the disk, then renamed over `path`."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
@@ -497,9 +460,8 @@ def atomic_file(path):
 
 
 def write_jsonl(path, samples):
-    """Write JSON lines atomically (gzipped if the name ends in .gz): a crash or a full disk leaves the
-    old file or the new one, never half of one. A symlink is written through: the file it points to is
-    replaced."""
+    """JSON lines, written atomically (gzipped if the name ends in .gz). A symlink is written through:
+    the file it points to is replaced."""
     path = os.path.realpath(path)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -512,20 +474,20 @@ def write_jsonl(path, samples):
                         "there is room") from None
 
 
-# ---- the paper's splits (Sec. 3.1) ------------------------------------------------------------------------
+# ---- the paper's splits (Sec. 3.1) ---------------------------------------------------------------
 
 def build_splits(hh_dir, out_dir, dev_size=280, seed=0, extra=None):
-    """train = the four train files; dev = `dev_size` test samples drawn with `seed`; test = the rest, per subset.
-
-    Unlike the authors' code, the dev samples are removed from the test files (the paper says "partition").
-    `extra`: a file of more responses per prompt (HH-RLHF_3), see `add_responses`.
-    """
+    """train = the four train files; dev = `dev_size` test samples drawn with `seed`; test = the rest,
+    per subset. Unlike the authors' code, dev is removed from test (the paper says "partition").
+    `extra`: a file of more responses per prompt (HH-RLHF_3), see `add_responses`."""
     if not os.path.isdir(hh_dir):
         raise UserError(f"--hh-dir {hh_dir}: no such folder (a clone of github.com/anthropics/hh-rlhf)")
-    paths = [os.path.join(hh_dir, subset, f"{split}.jsonl.gz") for subset in SUBSETS for split in ("train", "test")]
+    paths = [os.path.join(hh_dir, subset, f"{split}.jsonl.gz") for subset in SUBSETS
+             for split in ("train", "test")]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise UserError(f"--hh-dir {hh_dir}: {missing[0]} is missing (it needs the four subsets, train and test)")
+        raise UserError(f"--hh-dir {hh_dir}: {missing[0]} is missing (it needs the four subsets, train "
+                        "and test)")
     train, tests = [], {}
     for path in paths:
         subset, split = path.split(os.sep)[-2], os.path.basename(path).split(".")[0]
@@ -537,7 +499,7 @@ def build_splits(hh_dir, out_dir, dev_size=280, seed=0, extra=None):
         tests = {subset: add_responses(samples, extra) for subset, samples in tests.items()}
     all_test = [s for subset in SUBSETS for s in tests[subset]]
     if dev_size > len(all_test):
-        raise UserError(f"--dev-size {dev_size}: there are only {len(all_test)} test samples to draw from")
+        raise UserError(f"--dev-size {dev_size}: there are only {len(all_test)} test samples")
     dev_ids = {s["id"] for s in random.Random(seed).sample(all_test, dev_size)}
     write_jsonl(os.path.join(out_dir, "train.jsonl"), train)
     write_jsonl(os.path.join(out_dir, "dev.jsonl"), [s for s in all_test if s["id"] in dev_ids])
@@ -548,13 +510,11 @@ def build_splits(hh_dir, out_dir, dev_size=280, seed=0, extra=None):
 
 
 def add_responses(samples, extra_path):
-    """Append the responses of `extra_path` (any sample file, matched by prompt text) that a sample lacks.
-
-    Used to build HH-RLHF_3 (one extra ChatGPT response per prompt). Samples that gain nothing are dropped,
-    and the count is printed, so that every sample ends with the same K.
-    """
+    """Append the responses of `extra_path` (any sample file, matched by prompt text) that a sample
+    lacks, e.g. one ChatGPT reply per prompt for HH-RLHF_3. Samples that gain nothing are dropped (and
+    counted), so that every sample ends with the same K."""
     extra = {}
-    for s in read_samples(extra_path, min_responses=1):         # e.g. one ChatGPT reply per prompt
+    for s in read_samples(extra_path, min_responses=1):
         extra.setdefault(s["prompt"], []).extend(s["responses"])
     out = []
     for s in samples:
@@ -564,8 +524,6 @@ def add_responses(samples, extra_path):
     print(f"{extra_path}: added responses to {len(out)} of {len(samples)} samples, dropped the rest")
     return out
 
-
-# ---- command line ---------------------------------------------------------------------------------
 
 def main(argv=None):
     flags = Parser(description=__doc__.split("\n")[0], allow_abbrev=False)

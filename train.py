@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -306,7 +307,7 @@ def steps_of_batches(cfg, samples, tokenizer, start, world, rank):
         for m in range(accumulation)]
     steps = data.iterate_steps(lengths, cfg.global_batch, cfg.seed, cfg.epochs, start,
                                cfg.group_by_length)
-    return data.prefetch((step, epoch, make(indices)) for step, epoch, indices in steps)
+    return prefetch((step, epoch, make(indices)) for step, epoch, indices in steps)
 
 
 def main(argv=None):
@@ -320,6 +321,16 @@ def main(argv=None):
             train(cfg, rank, world, device, log=print if rank == 0 else (lambda *_: None))
     finally:
         dist.destroy_process_group()
+
+
+def prefetch(items):
+    """The items of an iterator, each made in a thread while the caller works on the one before."""
+    with ThreadPoolExecutor(1) as worker:
+        items = iter(items)
+        ahead = worker.submit(next, items, None)
+        while (item := ahead.result()) is not None:
+            ahead = worker.submit(next, items, None)
+            yield item
 
 
 def train(cfg, rank, world, device, log):

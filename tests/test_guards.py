@@ -245,7 +245,8 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch):
 def test_wandb_that_cannot_start_is_one_line_before_the_weights_load(tiny, tmp_path, monkeypatch,
                                                                      capsys):
     """No API key: before, a traceback once the weights had loaded (minutes for LLaMA-7B)."""
-    pytest.importorskip("wandb", reason="pip install wandb to test --wandb (.ci/run does)")
+    wandb = pytest.importorskip("wandb", reason="pip install wandb to test --wandb (.ci/run does)")
+    wandb.teardown()                     # an earlier test's offline run leaves settings in this process
     for name in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))                      # no ~/.netrc with a key
