@@ -4,17 +4,14 @@
     torchrun --nproc_per_node 8 train.py --model huggyllama/llama-7b \\
         --train data/hh2/train.rm.jsonl --dev data/hh2/dev.rm.jsonl --out runs/clha2
 
-One optimizer step: every prompt goes through the policy once with its K candidates (best first, as
-rescore.py ranked them); Eq. 3 gives each candidate's mean log-prob p_i; Eqs. 4-6 push better
-candidates above worse ones by a margin that grows with their rank distance, over the pairs whose
-rewards differ by more than --reward-gap; Eq. 7 adds the SFT term on the top candidate where its reward
-is positive (clha_loss.py). This file reads top to bottom: the config, distributed setup, the model
-(built on the meta device, sharded, filled), the method (one CLHA step), the loop, the export.
-
-Prints the config, a progress bar and every --log-every steps a line of metrics (also in
-OUT/log.jsonl); writes resumable checkpoints to OUT/checkpoints/step_N and, at the end, a Hugging Face
-checkpoint to OUT/final. What keeps the run safe (one-line errors, checks before the model loads,
-checkpoints, the stop vote, logs) is in harness/, called at the loop's boundaries.
+One optimizer step: each prompt goes through the policy once with its K candidates (best first, as
+rescore.py ranked them); Eq. 3 gives each candidate's mean log-prob p_i; Eqs. 4-6 push better ones
+above worse ones by a margin that grows with their rank distance, over the pairs whose rewards
+differ by more than --reward-gap; Eq. 7 adds the SFT term on the top one if its reward is > 0. Read
+top to bottom: config, distributed setup, the model (on meta, sharded, filled), one CLHA step, the
+loop, the export. It prints the config, a progress bar and every --log-every steps a line of metrics
+(also OUT/log.jsonl), and writes OUT/checkpoints/step_N and, at the end, OUT/final. What keeps the
+run safe (one-line errors, checks, checkpoints, the stop vote, logs) is in harness/.
 """
 
 import copy
@@ -23,7 +20,6 @@ import functools
 import json
 import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -34,7 +30,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
+                                    fully_shard)
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM
 
@@ -55,63 +52,56 @@ class Config:
     dev: str = opt("", "validation samples ('' = no validation)")
     out: str = opt("runs/clha", "output folder: log.jsonl, checkpoints/, final/")
     # the objective (clha_loss.py)
-    loss: str = opt("clha", "clha (Eq. 7) | pro (Eq. 2 + SFT) | sft (the SFT term alone: "
-                            "'w/o L_clha')", choices=["clha", "pro", "sft"])
+    loss: str = opt("clha", "clha (Eq. 7) | pro (Eq. 2 + SFT) | sft (SFT alone: 'w/o L_clha')",
+                    choices=["clha", "pro", "sft"])
     margin: float = opt(3.0, "margin of Eq. 6; 0 is the 'w/o xi_adjust' ablation", at_least=0)
-    reward_gap: float = opt(3.0, "Eq. 5 ignores pairs with |r_i - r_j| <= this ('none': keeps all)",
+    reward_gap: float = opt(3.0, "Eq. 5 drops pairs with |r_i - r_j| <= this ('none': keeps all)",
                             at_least=0, none=True)
-    rescore: bool = opt(True, "rewards mask pairs and gate SFT (data sorted by reward); --no-rescore "
-                              "on --keep-human-order data is the 'w/o Rescore' ablation")
-    alpha: float = opt(None, "SFT weight of Eq. 7 (default 0.05 (K - 1)^2, Sec. 3.3)", at_least=0,
-                       none=True)
-    reduction: str = opt("paper", "paper (Eq. 5 summed per prompt) | official (the authors' mean per "
-                                  "rank distance, which reproduces their numbers)",
+    rescore: bool = opt(True, "rewards mask pairs and gate SFT; --no-rescore: 'w/o Rescore'")
+    alpha: float = opt(None, "SFT weight of Eq. 7 (default 0.05 (K - 1)^2)", at_least=0, none=True)
+    reduction: str = opt("paper", "paper (Eq. 5 summed per prompt) | official (the authors' code)",
                          choices=["paper", "official"])
     # the batches (data.py)
-    max_len: int = opt(512, "tokens per sequence, prompt and response (block size)",
+    max_len: int = opt(512, "tokens per sequence, prompt and response",
                        at_least=preflight.MIN_RESPONSE_TOKENS + 1)
-    max_prompt_len: int = opt(384, "prompt tokens kept, cut from the left (special tokens included)",
-                              at_least=1)
-    share_prompt: bool = opt(True, "each prompt once, its K candidates after it (the same numbers, "
-                                   "fewer FLOPs); --no-share-prompt: one row per candidate")
-    pack: bool = opt(True, "the prompts of a micro-batch packed into rows of --pack-len tokens, no "
-                           "padding between them; --no-pack: one row per prompt")
-    pack_len: int = opt(1024, "tokens per packed row (a longer prompt and its K candidates get a row "
-                              "of their own)", at_least=8)
-    batch_size: int = opt(2, "prompts per device per micro-batch, each with all K candidates",
+    max_prompt_len: int = opt(384, "prompt tokens kept, cut from the left", at_least=1)
+    share_prompt: bool = opt(True, "each prompt once before its K candidates (--no-share-prompt: "
+                                   "one row per candidate, unpacked)")
+    pack: bool = opt(True, "pack a micro-batch's prompts into rows (--no-pack: one row per prompt)")
+    pack_len: int = opt(1024, "tokens per packed row; a longer prompt group gets a row of its own",
+                        at_least=8)
+    batch_size: int = opt(2, "prompts per device per micro-batch, each with its K candidates",
                           at_least=1)
-    global_batch: int = opt(128, "prompts per optimizer step = batch_size x world x accumulation",
+    global_batch: int = opt(128, "prompts per optimizer step (batch x world x accumulation)",
                             at_least=1)
-    group_by_length: bool = opt(False, "batch prompts of similar length together (less padding)")
+    group_by_length: bool = opt(False, "micro-batches of prompts of similar length")
     # the optimizer
     epochs: int = opt(2, "passes over the training data", at_least=1)
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = all epochs)", at_least=0)
     lr: float = opt(5e-6, "AdamW learning rate, constant after warmup (as the paper)", above=0)
     warmup_steps: int = opt(0, "linear warmup steps (the authors use none)", at_least=0)
-    lr_decay: bool = opt(False, "let the learning rate fall linearly to 0 over the epochs (the demo)")
-    weight_decay: float = opt(0.01, "AdamW weight decay (torch's default, as the authors' "
-                                    "AdamW(params, lr))", at_least=0)
+    lr_decay: bool = opt(False, "the learning rate falls linearly to 0 (the demo's)")
+    weight_decay: float = opt(0.01, "AdamW weight decay (torch's default, as the authors')",
+                              at_least=0)
     clip: float = opt(1.0, "clip the global gradient norm to this", above=0)
     seed: int = opt(0, "data order and initialisation", at_least=0)
-    max_skipped: int = opt(3, "stop when this many steps in a row had a non-finite loss or gradient "
-                              "norm (such a step is skipped: it never reaches the weights)", at_least=1)
+    max_skipped: int = opt(3, "stop after this many non-finite steps in a row (each is skipped)",
+                           at_least=1)
     # the machine
-    dtype: str = opt("bfloat16", "compute dtype under FSDP mixed precision (master weights: fp32)",
+    dtype: str = opt("bfloat16", "compute dtype (master weights fp32)",
                      choices=["bfloat16", "float32"])
     activation_checkpointing: bool = opt(True, "recompute each decoder layer in backward")
-    cpu_offload: bool = opt(False, "parameters, gradients and AdamW state in host memory (FSDP2 "
-                                   "CPUOffloadPolicy): LLaMA-7B on one GPU")
+    cpu_offload: bool = opt(False, "weights, gradients and AdamW in host memory: 7B on one GPU")
     compile: bool = opt(False, "torch.compile each decoder layer")
-    export_dtype: str = opt("auto", "dtype of OUT/final: auto (the --model checkpoint's own) | "
-                                    "float32 | bfloat16 | float16",
+    export_dtype: str = opt("auto", "OUT/final's dtype (auto: --model's)",
                             choices=["auto", "float32", "bfloat16", "float16"])
     # the run
     log_every: int = opt(10, "optimizer steps between log lines", at_least=1)
-    eval_every: int = opt(200, "optimizer steps between validations (and at the end)", at_least=1)
-    save_every: int = opt(500, "optimizer steps between checkpoints (and at the end, or on SIGTERM)",
+    eval_every: int = opt(200, "steps between validations (and at the end)", at_least=1)
+    save_every: int = opt(500, "steps between checkpoints (and at the end, or on SIGTERM)",
                           at_least=1)
     keep_checkpoints: int = opt(2, "sharded checkpoints kept on disk", at_least=1)
-    resume: bool = opt(False, "continue from the newest complete checkpoint in --out (or start)")
+    resume: bool = opt(False, "continue from the newest intact checkpoint in --out (or start)")
     tensorboard: bool = opt(False, "also log to TensorBoard, in OUT/tensorboard")
     wandb: str = opt("", "also log to this Weights & Biases project (WANDB_MODE=offline works)")
 
@@ -119,13 +109,13 @@ class Config:
 # ---- distributed ---------------------------------------------------------------------------------
 
 def init_distributed(cpu_offload=False):
-    """torchrun's environment -> (rank, world, device). A plain `python train.py` is a world of one."""
+    """torchrun's environment -> (rank, world, device). `python train.py` is a world of one."""
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as free:                              # any free port: nobody else joins
+        with socket.socket() as free:                      # any free port: nobody else joins
             free.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(free.getsockname()[1])
     # The other ranks wait in the weight broadcast while rank 0 reads the whole checkpoint (13.5 GB
@@ -138,11 +128,11 @@ def init_distributed(cpu_offload=False):
                             "(CUDA_VISIBLE_DEVICES); start one process per GPU")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        # Every CLHA batch hands attention an explicit mask, for which torch prefers cuDNN's kernel on
-        # H100/H200; it has given NaN query gradients at some lengths (pytorch issue 196678). The
-        # memory-efficient and math kernels take the same mask.
+        # Every CLHA batch hands attention an explicit mask, for which torch prefers cuDNN's kernel
+        # on H100/H200; it has given NaN query gradients at some lengths (pytorch issue 196678).
+        # The memory-efficient and math kernels take the same mask.
         torch.backends.cuda.enable_cudnn_sdp(False)
-        if cpu_offload:    # gradients offloaded to the host are clipped with CPU collectives: gloo's
+        if cpu_offload:    # gradients offloaded to the host are clipped with CPU collectives
             dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
         else:
             dist.init_process_group("nccl", device_id=device, timeout=timeout)
@@ -167,15 +157,15 @@ def build_model(cfg, config, device, rank, weights=True):
     apply_fsdp(model, getattr(torch, cfg.dtype), cfg.activation_checkpointing, cfg.cpu_offload,
                cfg.compile)
     model.to_empty(device="cpu" if cfg.cpu_offload else device)    # this rank's fp32 shards only
-    for name, value in buffers.items():                            # to_empty left them uninitialised
+    for name, value in buffers.items():                        # to_empty left them uninitialised
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._buffers[leaf] = value.to(device)   # where the forward runs
     if not weights:
         for module in model.modules():
             model._init_weights(module)
         return model
-    # Rank 0 reads the checkpoint in its stored dtype (fp16/bf16 for LLaMA-7B: 13.5 GB of CPU RAM, on
-    # one rank only); every rank receives its shards by broadcast and keeps them in fp32.
+    # Rank 0 reads the checkpoint in its stored dtype (fp16/bf16 for LLaMA-7B: 13.5 GB of CPU RAM,
+    # on one rank only); every rank receives its shards by broadcast and keeps them in fp32.
     full = from_pretrained(AutoModelForCausalLM, cfg.model, "--model", dtype="auto").state_dict() \
         if rank == 0 else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
@@ -184,15 +174,15 @@ def build_model(cfg, config, device, rank, weights=True):
 
 
 class parameters_on_meta:
-    """Build a model whose parameters take no memory (the meta device) while its buffers are computed
-    for real by each module's own __init__ (rotary inv_freq and the like). Those buffers are in no
-    checkpoint, and transformers rebuilds them only for the modules its initialiser knows."""
+    """Build a model whose parameters take no memory (the meta device) while its buffers are
+    computed for real by each module's own __init__ (rotary inv_freq and the like). Those buffers
+    are in no checkpoint, and transformers rebuilds them only for the modules it knows."""
 
     def __enter__(self):
         self.register = register = torch.nn.Module.register_parameter
 
         def on_meta(module, name, param):
-            if param is not None and not param.is_meta:     # a tied weight is already there: the same
+            if param is not None and not param.is_meta:      # (a tied weight is already meta)
                 param = torch.nn.Parameter(param.to("meta"), param.requires_grad)
             register(module, name, param)
         torch.nn.Module.register_parameter = on_meta
@@ -206,12 +196,12 @@ def apply_fsdp(model, param_dtype, activation_checkpointing, cpu_offload=False, 
     layers = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]
     if not layers:
         raise UserError(f"--model: {type(model).__name__} declares no decoder layers "
-                        "(_no_split_modules) to shard: use a decoder such as LLaMA, Qwen2 or GPT-NeoX")
+                        "(_no_split_modules) to shard: use a decoder such as LLaMA or Qwen2")
     for layer in layers:
         forward = layer.forward
-        if compile:     # the layer's own computation: FSDP's all-gather hooks stay outside the graph
+        if compile:     # the layer's own computation: FSDP's hooks stay outside the graph
             forward = torch.compile(forward)
-        if activation_checkpointing:    # keep only each layer's input; recompute the rest in backward,
+        if activation_checkpointing:    # keep each layer's input; recompute the rest in backward
             forward = functools.partial(recompute_in_backward, forward)   # compiled or not
         layer.forward = forward
     # Weights are all-gathered in bf16 for compute, gradients reduce-scattered in fp32, and the
@@ -219,14 +209,15 @@ def apply_fsdp(model, param_dtype, activation_checkpointing, cpu_offload=False, 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     # CPU offload: the fp32 shards, their gradients and AdamW's state live in host memory; each
     # layer's weights are copied to the GPU for its forward and backward, and its gradients back.
-    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else \
+        OffloadPolicy()
     for i, layer in enumerate(layers):
         # A layer's gathered weights are freed after its forward and gathered again in backward: one
         # more all-gather per layer, for memory that does not grow with depth. Not the last layer's:
         # backward starts with it, so freeing it would only gather it again at once (as torchtitan).
         fully_shard(layer, mp_policy=mp, offload_policy=offload,
                     reshard_after_forward=i < len(layers) - 1)
-    fully_shard(model, mp_policy=mp, offload_policy=offload)   # the root: backward needs the LM head first
+    fully_shard(model, mp_policy=mp, offload_policy=offload)   # the root: backward needs the head
 
 
 def recompute_in_backward(forward, *args, **kwargs):
@@ -248,8 +239,8 @@ def objective(cfg, model, batch):
 
 
 def clha_step(cfg, model, optimizer, batches, lr, wants_to_stop, device):
-    """One optimizer step on this rank's micro-batches -> (the step's sums over every rank, its global
-    gradient norm, whether it was applied, the signal that stops the run or 0)."""
+    """One optimizer step on this rank's micro-batches -> (the step's sums over every rank, its
+    global gradient norm, whether it was applied, the signal that stops the run or 0)."""
     sums = 0
     for batch in batches:
         batch = data.to_device(batch, device)
@@ -274,40 +265,43 @@ def clha_step(cfg, model, optimizer, batches, lr, wants_to_stop, device):
 
 @torch.no_grad()
 def validate(cfg, model, samples, tokenizer, rank, world, device):
-    """Teacher-forced loss and pairwise accuracy on the dev samples (no generation under FSDP), a mean
-    over prompts."""
+    """Teacher-forced loss and pairwise accuracy on dev (no generation under FSDP), a mean over
+    prompts. Every rank runs as many forwards (each all-gathers): a short one repeats, weight 0."""
     model.eval()
     sums, shard, prompts = 0, samples[rank::world], 0
-    # every rank runs the same number of forwards (each all-gathers): pad with repeats, weight 0
     for b in range(-(-len(samples[::world]) // cfg.batch_size)):
         chunk = shard[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        batch = data.make_batch(tokenizer, chunk or samples[:1], cfg.max_len, cfg.max_prompt_len,
-                                cfg.share_prompt, cfg.pack and cfg.pack_len)
-        sums = sums + logs.metric_row(objective(cfg, model, data.to_device(batch, device))[1],
-                                      len(chunk))
-        prompts += len(chunk)
+        batch = data.to_device(batch_of(cfg, tokenizer, chunk or samples[:1]), device)
+        sums, prompts = sums + logs.metric_row(objective(cfg, model, batch)[1], len(chunk)), \
+            prompts + len(chunk)
     model.train()
     meter = logs.Meter()
     meter.add(stopping.vote(sums, (0, prompts))[0], seconds=0)
     return {k: v for k, v in meter.result().items() if k not in ("tokens", "skipped")}
 
 
-# ---- the run ---------------------------------------------------------------------------------------
+# ---- the run -------------------------------------------------------------------------------------
+
+def batch_of(cfg, tokenizer, samples):
+    return data.make_batch(tokenizer, samples, cfg.max_len, cfg.max_prompt_len, cfg.share_prompt,
+                           cfg.pack and cfg.pack_len)
+
 
 def steps_of_batches(cfg, samples, tokenizer, start, world, rank):
-    """Yield (step, epoch, this rank's micro-batches) from step `start` on: the same batches an
-    uninterrupted run sees, tokenized one step ahead in a thread while the device works on this one
+    """Yield (step, epoch, this rank's micro-batches) from step `start` on, the batches of an
+    uninterrupted run, each step's tokenized in a thread while the device works on the one before
     (with a tokenizer of its own: a fast tokenizer must not be used by two threads at once)."""
-    accumulation = cfg.global_batch // (cfg.batch_size * world)
-    tokenizer = copy.deepcopy(tokenizer)
-    lengths = [data.sample_length(s) for s in samples]
-    make = lambda indices: [data.make_batch(
-        tokenizer, [samples[i] for i in data.micro_batch(indices, cfg.batch_size, world, rank, m)],
-        cfg.max_len, cfg.max_prompt_len, cfg.share_prompt, cfg.pack and cfg.pack_len)
-        for m in range(accumulation)]
-    steps = data.iterate_steps(lengths, cfg.global_batch, cfg.seed, cfg.epochs, start,
-                               cfg.group_by_length)
-    return prefetch((step, epoch, make(indices)) for step, epoch, indices in steps)
+    tokenizer, micro = copy.deepcopy(tokenizer), range(cfg.global_batch // (cfg.batch_size * world))
+    steps = data.iterate_steps([data.sample_length(s) for s in samples], cfg.global_batch, cfg.seed,
+                               cfg.epochs, start, cfg.group_by_length)
+    items = ((step, epoch, [batch_of(cfg, tokenizer, [samples[i] for i in data.micro_batch(
+        indices, cfg.batch_size, world, rank, m)]) for m in micro]) for step, epoch, indices in
+        steps)
+    with ThreadPoolExecutor(1) as worker:
+        ahead = worker.submit(next, items, None)
+        while (item := ahead.result()) is not None:
+            ahead = worker.submit(next, items, None)
+            yield item
 
 
 def main(argv=None):
@@ -323,22 +317,12 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def prefetch(items):
-    """The items of an iterator, each made in a thread while the caller works on the one before."""
-    with ThreadPoolExecutor(1) as worker:
-        items = iter(items)
-        ahead = worker.submit(next, items, None)
-        while (item := ahead.result()) is not None:
-            ahead = worker.submit(next, items, None)
-            yield item
-
-
 def train(cfg, rank, world, device, log):
     # setup: every check that can fail before the model loads, and the checkpoints a resume may use
     torch.manual_seed(cfg.seed)
     samples, dev, tokenizer, config, inputs = preflight.check_setup(cfg, world, log)
     resumable = checkpoints.find_resumable(cfg, inputs, rank, world, log) if cfg.resume else []
-    run_log = logs.RunLog(cfg, rank, resuming=bool(resumable))   # W&B starts before the weights load
+    run_log = logs.RunLog(cfg, rank, resuming=bool(resumable))   # W&B starts, before the weights
 
     # data: the order is a function of (seed, epoch) alone; micro-batches are tokenized a step ahead
     accumulation = cfg.global_batch // (cfg.batch_size * world)
@@ -350,7 +334,7 @@ def train(cfg, rank, world, device, log):
         f"{total} steps; {len(samples) % cfg.global_batch} prompts left out of each epoch")
 
     # the model, sharded before any weight exists; AdamW over the fp32 shards; a resume fills both
-    model = build_model(cfg, config, device, rank)
+    model = build_model(cfg, config, device, rank, weights=not resumable)   # a resume reads its own
     model.train()
     fused = device.type == "cuda" and not cfg.cpu_offload          # one kernel for every update
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -363,7 +347,7 @@ def train(cfg, rank, world, device, log):
     meter, skipped = logs.Meter(), 0
     with run_log, stopping.Preemption() as preemption:
         for step, epoch, batches in steps_of_batches(cfg, samples, tokenizer, start, world, rank):
-            if step >= total:                                      # --max-steps, or resumed at the end
+            if step >= total:                                  # --max-steps, or resumed at the end
                 break
             clock, done = time.perf_counter(), step + 1
             lr = cfg.lr * min(1.0, done / (cfg.warmup_steps + 1)) * \
@@ -375,7 +359,7 @@ def train(cfg, rank, world, device, log):
             if done % cfg.log_every == 0 or done == total or stop or skipped >= cfg.max_skipped:
                 run_log.write(logs.train_record(done, epoch, meter, lr, grad_norm, device))
             if skipped >= cfg.max_skipped:
-                raise diverged(cfg, done, skipped)
+                raise stopping.diverged(cfg.out, done, skipped)
             if dev and (done % cfg.eval_every == 0 or done == total) and not stop:
                 run_log.write({"step": done, "split": "dev",
                                **validate(cfg, model, dev, tokenizer, rank, world, device)})
@@ -383,28 +367,13 @@ def train(cfg, rank, world, device, log):
                 checkpoints.save(cfg, model, optimizer, done, rank, world, inputs)
             run_log.advance()
             if stop:
-                raise stopped(rank, stop, f"saved step {done}; rerun with --resume")
+                raise stopping.stopped(rank, stop, f"saved step {done}; rerun with --resume")
     if preemption.signal:            # it came after the last step's vote: that step is saved only
-        raise stopped(rank, preemption.signal, "the last step is saved; rerun with --resume to export")
+        raise stopping.stopped(rank, preemption.signal, "the last step is saved; rerun with "
+                                                        "--resume to export")
 
     # the end: one consolidated Hugging Face checkpoint
     checkpoints.export_hf(cfg, model, tokenizer, rank)
-
-
-def diverged(cfg, step, skipped):
-    """The exit of a run whose last --max-skipped steps were all non-finite: one line, nothing saved."""
-    saved = checkpoints.step_dirs(cfg.out)
-    kept = f"the checkpoints are kept (newest: {os.path.basename(saved[-1])}), " if saved else ""
-    return UserError(f"training diverged: steps {step - skipped + 1}-{step} had a non-finite loss or "
-                     f"gradient norm, and none was applied; {kept}nothing more is saved: --resume "
-                     "retries, or start again with a lower --lr")
-
-
-def stopped(rank, signum, what):
-    """The exit of a run stopped by a signal: one line, and status 128 + the signal's number."""
-    if rank == 0:
-        print(f"stopped by {signal.Signals(signum).name}: {what}", file=sys.stderr, flush=True)
-    return SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

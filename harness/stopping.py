@@ -9,12 +9,16 @@ The vote rides on the all-reduce that sums the step's metrics, so it costs no co
 and its one host sync is the only time per step that the CPU waits for the GPU.
 """
 
+import os
 import signal
+import sys
 import threading
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
+from data import UserError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -55,3 +59,20 @@ def vote(sums, counts, grad_norm=None, wants_to_stop=0):
     values = torch.cat([reduced, norm.to(reduced.device)]).tolist()   # the one wait for the GPU
     stop = next((s for s, n in zip(STOP_SIGNALS, values[-1 - len(votes):-1]) if n), 0)
     return values[:-1 - len(votes)], values[-1], stop
+
+
+def stopped(rank, signum, what):
+    """The exit of a run stopped by a signal: one line, and status 128 + the signal's number."""
+    if rank == 0:
+        print(f"stopped by {signal.Signals(signum).name}: {what}", file=sys.stderr, flush=True)
+    return SystemExit(128 + signum)
+
+
+def diverged(out, step, skipped):
+    """The exit of a run whose last --max-skipped steps were all non-finite: one line, nothing saved."""
+    from harness.checkpoints import step_dirs
+    saved = step_dirs(out)
+    kept = f"the checkpoints are kept (newest: {os.path.basename(saved[-1])}), " if saved else ""
+    return UserError(f"training diverged: steps {step - skipped + 1}-{step} had a non-finite loss or "
+                     f"gradient norm, and none was applied; {kept}nothing more is saved: --resume "
+                     "retries, or start again with a lower --lr")

@@ -252,9 +252,12 @@ def test_wandb_that_cannot_start_is_one_line_before_the_weights_load(tiny, tmp_p
     monkeypatch.setenv("HOME", str(tmp_path))                      # no ~/.netrc with a key
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("the weights loaded"))
-    one_line_error(capsys, train.main, train_args(tiny, tmp_path / "run", "--wandb", "clha"),
-                   r"--wandb clha: cannot start a run \(.*\): run `wandb login`, or set "
-                   r"WANDB_MODE=offline")
+    try:
+        one_line_error(capsys, train.main, train_args(tiny, tmp_path / "run", "--wandb", "clha"),
+                       r"--wandb clha: cannot start a run \(.*\): run `wandb login`, or set "
+                       r"WANDB_MODE=offline")
+    finally:
+        wandb.teardown()                 # and this test's failed start leaves none for the next
 
 
 def test_compile_keeps_activation_checkpointing(tiny, tokenizer, one_process, monkeypatch):
