@@ -374,7 +374,7 @@ def test_sampling_ranks_resume_and_seed():
 
 def test_two_processes_match_one(tiny, two_rank_run, tmp_path):
     # 2 ranks x 2 prompts x 2 accumulation steps == 1 rank x 2 prompts x 4: the same global batch of 8. The one
-    # rank has one row per candidate, the two ranks one row per prompt (the default): the same numbers.
+    # rank has one row per candidate, the two ranks packed rows (the default): the same numbers.
     # fp32 compute, so that the only differences are the order of floating-point sums.
     torchrun(1, train_args(tiny, tmp_path / "one", "--max-steps", "9", "--dtype", "float32", "--no-share-prompt"))
     one, two = losses(tmp_path / "one"), losses(two_rank_run)

@@ -358,11 +358,11 @@ def logged_step(line):
 
 # ---- the Hugging Face export ---------------------------------------------------------------------
 
-def export_dtype(cfg):
+def export_dtype(cfg, source):
     """--export-dtype auto: the dtype the source checkpoint was stored in, float32 if it says none."""
     if cfg.export_dtype != "auto":
         return getattr(torch, cfg.export_dtype)
-    stored = getattr(AutoConfig.from_pretrained(cfg.model), "dtype", None) or torch.float32
+    stored = getattr(source, "dtype", None) or torch.float32
     return getattr(torch, stored) if isinstance(stored, str) else stored
 
 
@@ -373,7 +373,8 @@ def export_hf(cfg, model, tokenizer, rank):
     if not finite({"model": model.state_dict()}):
         raise UserError("training diverged: the final weights are not finite, so OUT/final was not "
                         "written; the checkpoints are kept: lower --lr and resume from one")
-    dtype, full = export_dtype(cfg), {}
+    source = AutoConfig.from_pretrained(cfg.model, trust_remote_code=False)   # as --model ships it
+    dtype, full = export_dtype(cfg, source), {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor   # all ranks take part
         if rank == 0:
@@ -381,7 +382,7 @@ def export_hf(cfg, model, tokenizer, rank):
     if rank == 0:
         final = os.path.join(cfg.out, "final")
         with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model), dtype=dtype)
+            plain = AutoModelForCausalLM.from_config(source, dtype=dtype)
         plain.load_state_dict(full, assign=True)
         plain.tie_weights()                                  # assign=True replaced tied tensors one by one
         try:

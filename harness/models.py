@@ -33,8 +33,8 @@ def from_pretrained(loader, path, flag, **kwargs):
     checkpoint_dir(path, flag, tokenizer=loader.__name__.endswith("Tokenizer"))
     from safetensors import SafetensorError
     user_errors = (OSError, SafetensorError) + ((ValueError,) if loader.__name__ == "AutoConfig" else ())
-    try:
-        return loader.from_pretrained(path, **kwargs)
+    try:             # nothing in a model folder runs code: never its own modelling files
+        return loader.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
     except user_errors as e:
         reason = " ".join(str(e).split()) or type(e).__name__       # the whole message, on one line
         raise UserError(f"{flag} {path}: cannot load it: {reason}") from None
