@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import rescore
 from harness import files, fingerprints, flags, locks
@@ -44,6 +44,13 @@ from data import (UserError, check_layout, check_tokenizer, encode_prompt, make_
                   read_samples, to_device, write_jsonl)
 
 STOP_STRINGS = ("Human:", "human:", "Assistant:", "assistant:")
+# what a run writes in --out
+OUTPUTS = (".lock", "parts", "settings.json", "generations.jsonl", "results.json", "table.md")
+# what summarize() reads of a record, and what each must be
+RECORD_FIELDS = {"subset": "a string", "generation": "a string", "reward": "a finite number",
+                 "bleu": "a finite number", "pairs_correct": "a whole number",
+                 "pairs": "a whole number"}
+RESULT_FIELDS = ("n", "bleu", "reward", "pair_acc", "empty")
 
 
 # ---- metrics ----------------------------------------------------------------------------------------------
@@ -193,8 +200,7 @@ def run_share(todo, cfg, part, progress):
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     tokenizer = from_pretrained(AutoTokenizer, cfg.model, "--model")
     check_tokenizer(tokenizer, "--model")
-    policy = from_pretrained(AutoModelForCausalLM, cfg.model, "--model", dtype=getattr(torch, cfg.dtype))
-    policy = policy.to(device).eval()
+    policy = rescore.load_model(AutoModelForCausalLM, cfg.model, "--model", device, cfg.dtype)
     policy.generation_config = GenerationConfig()                     # plain greedy, whatever the checkpoint ships
     if cfg.share_prompt:
         check_layout(policy.config, cfg.max_prompt_len + cfg.max_new_tokens)
@@ -204,6 +210,7 @@ def run_share(todo, cfg, part, progress):
                                            cfg.max_prompt_len, cfg.batch_size, progress):
             chunk = [todo[i] for i in idx]
             rewards = rescore.score(rm, rm_tokenizer, format_fn, [s["prompt"] for s in chunk], texts, cfg.batch_size)
+            check_finite(rewards, chunk, cfg)
             # teacher forcing within the generation's budget: 384 + 128 = the 512-token block of training
             hits = pair_counts(policy, tokenizer, chunk, cfg.batch_size, cfg.max_prompt_len + cfg.max_new_tokens,
                                cfg.max_prompt_len, cfg.share_prompt, cfg.pack and cfg.pack_len)
@@ -215,6 +222,43 @@ def run_share(todo, cfg, part, progress):
             write([json.dumps(r, ensure_ascii=False) + "\n" for r in records])
 
 
+def check_finite(rewards, chunk, cfg):
+    """Refuse a reward that is not a finite number before it reaches a part file: it would make the
+    table's Reward NaN."""
+    for s, reward in zip(chunk, rewards):
+        if not math.isfinite(reward):
+            hint = (f"an overflow in --dtype {cfg.dtype}? --dtype float32 with a new --out "
+                    "avoids it" if cfg.dtype != "float32" else "are its weights broken?")
+            raise UserError(f"--reward-model {cfg.reward_model} gave the generation for sample "
+                            f"{s['id']!r} a reward of {reward}; {hint}")
+
+
+def is_kind(value, kind):
+    """Whether a record's value is what RECORD_FIELDS says."""
+    if kind == "a string":
+        return isinstance(value, str)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) if kind == "a whole number" else math.isfinite(value)
+
+
+def current(shas):
+    """read_parts' `keep`: the records of the samples as they are now (by content), each holding
+    what summarize() reads; another sample's record is passed over, a damaged one refused."""
+    def keep(record):
+        if record.get("sample_sha256") != shas.get(record["id"]):
+            return False
+        for key, kind in RECORD_FIELDS.items():
+            if not is_kind(record.get(key), kind):
+                raise files.WrongRecord(f"sample {record['id']!r}: {key!r} is missing or not "
+                                        f"{kind}")
+        if not 0 <= record["pairs_correct"] <= record["pairs"] or record["pairs"] < 1:
+            raise files.WrongRecord(f"sample {record['id']!r}: {record['pairs_correct']} of "
+                                    f"{record['pairs']} pairs correct")
+        return True
+    return keep
+
+
 def evaluate(cfg, progress=False):
     """The whole protocol for a Config: the policy --model and the --reward-model (folders or hub ids) on the
     --data sample files. Every torchrun rank calls it; rank 0 merges the ranks' records and returns the results
@@ -224,15 +268,20 @@ def evaluate(cfg, progress=False):
     flags.output_dir(cfg.out, "--out")
     os.makedirs(parts, exist_ok=True)
     with locks.ranks() as (rank, world), locks.lock(os.path.join(cfg.out, ".lock"), "--out", cfg.out):
-        # the data, each prompt checked against the reward model's input format before anything loads
+        # both models' configs (one that needs its own code is one line), and the data, each prompt
+        # checked against the reward model's input format, before anything loads
+        from_pretrained(AutoConfig, cfg.model, "--model")
         format_fn = rescore.reward_format(cfg.reward_model)[2]
         samples = read_test_files(cfg.data, check=lambda s: format_fn(s["prompt"], s["responses"][0]))
-        settings = {"--model": fingerprints.fingerprint(cfg.model), "--reward-model": fingerprints.fingerprint(
-            cfg.reward_model), "--max-new-tokens": cfg.max_new_tokens, "--max-prompt-len": cfg.max_prompt_len,
-            "--dtype": cfg.dtype}
+        # what this run writes is no part of the models, even where --out lies inside one of them
+        ours = [cfg.out] + [os.path.join(cfg.out, name) for name in OUTPUTS]
+        settings = {"--model": fingerprints.fingerprint(cfg.model, ours),
+                    "--reward-model": fingerprints.fingerprint(cfg.reward_model, ours),
+                    "--max-new-tokens": cfg.max_new_tokens, "--max-prompt-len": cfg.max_prompt_len,
+                    "--dtype": cfg.dtype}
         part_files = sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
         shas = {s["id"]: content(s) for s in samples}
-        done = files.read_parts(part_files, keep=lambda r: r.get("sample_sha256") == shas.get(r["id"]))
+        done = files.read_parts(part_files, keep=current(shas))
         settings_path = os.path.join(cfg.out, "settings.json")
         if files.read_parts(part_files):                              # records made by an earlier run
             if not os.path.exists(settings_path):
@@ -252,14 +301,28 @@ def evaluate(cfg, progress=False):
 
         # merge the parts in input order, and write the results
         part_files = sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
-        found = files.read_parts(part_files, keep=lambda r: r.get("sample_sha256") == shas.get(r["id"]))
+        found = files.read_parts(part_files, keep=current(shas))
         records = [found[s["id"]] for s in samples]
         write_jsonl(os.path.join(cfg.out, "generations.jsonl"), records)
         results = summarize(records, list(dict.fromkeys(s["subset"] for s in samples)))
         files.write_json(os.path.join(cfg.out, "results.json"), results)
-        with open(os.path.join(cfg.out, "table.md"), "w") as f:
-            f.write(format_table([(os.path.basename(os.path.normpath(cfg.out)), results)]))
+        # atomically: a full disk leaves the table of the run before, and says so in one line
+        files.write_text(os.path.join(cfg.out, "table.md"),
+                         format_table([(os.path.basename(os.path.normpath(cfg.out)), results)]))
         return results
+
+
+def read_results(folder):
+    """A finished run's results.json (--compare), each subset holding what format_table reads."""
+    path = os.path.join(folder, "results.json")
+    flags.input_file(path, "--compare")
+    results = files.read_json(path)
+    for subset, res in results.items():
+        if not isinstance(res, dict) or not all(is_kind(res.get(k), "a finite number")
+                                                for k in RESULT_FIELDS):
+            raise UserError(f"--compare {path}: subset {subset!r} lacks one of "
+                            f"{', '.join(RESULT_FIELDS)}; rerun evaluate.py with --out {folder}")
+    return results
 
 
 @dataclass
@@ -287,8 +350,7 @@ def main(argv=None):
     if cfg.compare:
         runs = []
         for d in cfg.compare:
-            flags.input_file(os.path.join(d, "results.json"), "--compare")
-            runs.append((os.path.normpath(d), files.read_json(os.path.join(d, "results.json"))))
+            runs.append((os.path.normpath(d), read_results(d)))
         print(format_table(runs), end="")
         return
     missing = [f"--{k.replace('_', '-')}" for k in ("model", "reward_model", "data", "out") if not getattr(cfg, k)]

@@ -22,7 +22,9 @@ what the authors ran; bfloat16 is faster on GPUs but moves rewards by ~1e-2.
 """
 
 import glob
+import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -130,13 +132,26 @@ def reward_format(path, flag="--reward-model", **config_kwargs):
     return config, tokenizer, format_for(config, tokenizer)
 
 
+def load_model(loader, path, flag, device, dtype, **kwargs):
+    """loader.from_pretrained(path) in `dtype` on `device`, in eval mode, running no code of the
+    folder. transformers puts weights on a device only through device_map, which needs accelerate:
+    with it, each weight goes from the file straight to the GPU; without it, each process first
+    builds the whole model in host memory (8 x 27 GB for LLaMA-7B in float32 on one node)."""
+    device = torch.device(device)
+    placed = {"device_map": {"": device}} if device.type != "cpu" and importlib.util.find_spec(
+        "accelerate") else {}
+    model = from_pretrained(loader, path, flag, dtype=getattr(torch, dtype),
+                            **placed, **kwargs)
+    return model.to(device).eval()
+
+
 def load_reward_model(path, device="cpu", dtype="float32", flag="--reward-model"):
     """-> (model, tokenizer, format_fn) for any AutoModelForSequenceClassification with one output, in `dtype`
     (OpenAssistant's configs say float16; the authors ran them in float32)."""
     config, tokenizer, format_fn = reward_format(path, flag)
-    model = from_pretrained(AutoModelForSequenceClassification, path, flag, config=config,
-                                dtype=getattr(torch, dtype))
-    return model.to(device).eval(), tokenizer, format_fn
+    model = load_model(AutoModelForSequenceClassification, path, flag, device, dtype,
+                       config=config)
+    return model, tokenizer, format_fn
 
 
 def reward_forward(model, ids, pad_id):
@@ -199,6 +214,9 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
     flags.input_file(data_path, "--data")
     if os.path.isdir(out):
         raise UserError(f"--out {out}: is a folder; give the output file's name")
+    if os.path.exists(out) and os.path.samefile(out, data_path):      # by name, link or other path
+        raise UserError(f"--out {out} is the --data file {data_path}: the output would replace "
+                        "the input; give --out another name")
     flags.output_dir(os.path.dirname(os.path.abspath(out)), "--out")
     if score_fn is None:
         checkpoint_dir(reward_model, "--reward-model")
@@ -206,8 +224,12 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
         # the data, each prompt checked against the reward model's input format before its weights load
         format_fn = reward_format(reward_model)[2] if score_fn is None else lambda prompt, response: ""
         samples = data.read_samples(data_path, check=lambda s: [format_fn(s["prompt"], r) for r in s["responses"]])
-        settings = {"--reward-model": fingerprints.fingerprint(reward_model), "--data": fingerprints.fingerprint(data_path),
-                    "--max-length": max_length, "--dtype": dtype}
+        # what runs on --out write is no part of the reward model, should --out lie inside it
+        ours = [out + end for end in ("", ".lock", ".settings.json")]
+        ours += glob.glob(glob.escape(out) + ".part*")
+        settings = {"--reward-model": fingerprints.fingerprint(reward_model, exclude=ours),
+                    "--data": fingerprints.fingerprint(data_path), "--max-length": max_length,
+                    "--dtype": dtype}
         done = finished(out, settings, {s["id"]: len(s["responses"]) for s in samples})
         locks.barrier()                                       # every rank has read before any appends
         if rank == 0:
@@ -227,7 +249,10 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
                      disable=rank != 0 or not todo) as bar:
             for start in range(0, len(todo), chunk):
                 batch = todo[start:start + chunk]
-                rewards = iter(score_fn(*zip(*[(s["prompt"], r) for s in batch for r in s["responses"]])))
+                rewards = score_fn(*zip(*[(s["prompt"], r) for s in batch
+                                          for r in s["responses"]]))
+                check_finite(rewards, batch, data_path, reward_model, dtype)
+                rewards = iter(rewards)
                 write([json.dumps({"id": s["id"], "rewards": [next(rewards) for _ in s["responses"]]}) + "\n"
                        for s in batch])                            # a kill loses at most the chunk in hand
                 bar.update(len(batch))
@@ -235,10 +260,42 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
         return merge(out, samples, keep_human_order, sft_human_chosen, reward_gap) if rank == 0 else None
 
 
+def check_finite(rewards, batch, data_path, reward_model, dtype):
+    """Refuse a reward that is not a finite number where the reward model gave it, before it
+    reaches a part file: a NaN sorts anywhere, and every statistic of the file would be NaN."""
+    where = [(s, k) for s in batch for k in range(len(s["responses"]))]
+    for (s, k), reward in zip(where, rewards):
+        if not math.isfinite(reward):
+            hint = (f"an overflow in --dtype {dtype}? --dtype float32 with a new --out avoids it"
+                    if dtype != "float32" else "are its weights broken?")
+            raise UserError(f"--data {data_path}: sample {s['id']!r}, response {k} "
+                            f"({s['responses'][k][:30]!r}): --reward-model {reward_model} gave "
+                            f"it a reward of {reward}; {hint}")
+
+
+def valid_rewards(K):
+    """read_parts' `keep` for our records: rewards a list of finite numbers, one per response of
+    the sample (an id not in the input is refused by `finished`, with what to do)."""
+    def keep(record):
+        rewards, id_ = record["rewards"], record["id"]
+        if not isinstance(rewards, list) or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
+            raise files.WrongRecord(f"sample {id_!r}: 'rewards' is not a list of numbers")
+        for r in rewards:
+            if not math.isfinite(r):
+                raise files.WrongRecord(f"sample {id_!r} has a reward of {r}, not a finite "
+                                        "number (an overflow? rescore with --dtype float32)")
+        if id_ in K and len(rewards) != K[id_]:
+            raise files.WrongRecord(f"sample {id_!r} has {len(rewards)} rewards for its {K[id_]} "
+                                    "responses in --data")
+        return True
+    return keep
+
+
 def finished(out, settings, K):
     """{id: rewards} that earlier runs on `out` finished, if they had the same settings and input."""
     parts = sorted(glob.glob(glob.escape(out) + ".part*"))
-    done = {id_: r["rewards"] for id_, r in files.read_parts(parts).items()}
+    done = {id_: r["rewards"] for id_, r in files.read_parts(parts, valid_rewards(K)).items()}
     if not done:
         return done
     if not os.path.exists(out + ".settings.json"):
@@ -254,7 +311,9 @@ def finished(out, settings, K):
 def merge(out, samples, keep_human_order, sft_human_chosen, reward_gap):
     """Rank 0, once every rank is done: one output in input order, written atomically; then the parts go."""
     parts = glob.glob(glob.escape(out) + ".part*")
-    done = {id_: r["rewards"] for id_, r in files.read_parts(sorted(parts)).items()}
+    K = {s["id"]: len(s["responses"]) for s in samples}
+    records = files.read_parts(sorted(parts), valid_rewards(K))
+    done = {id_: r["rewards"] for id_, r in records.items()}
     missing = [s["id"] for s in samples if s["id"] not in done]
     if missing:
         raise RuntimeError(f"{len(missing)} samples were not scored, e.g. {missing[0]!r}")

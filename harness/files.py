@@ -53,6 +53,11 @@ def finished_bytes(path):
     return content[:content.rfind(b"\n") + 1]
 
 
+class WrongRecord(TypeError):
+    """What a `keep` of read_parts raises for a record it cannot use, saying why; read_parts adds
+    its file:line."""
+
+
 def read_parts(paths, keep=lambda record: True):
     """{id: record} over the part files of every rank of every earlier run (whatever its number of
     ranks): the first record of each id that `keep` accepts. A broken line before the last is an error
@@ -67,6 +72,9 @@ def read_parts(paths, keep=lambda record: True):
                     raise TypeError
                 if keep(record):
                     records.setdefault(record["id"], record)
+            except WrongRecord as e:
+                raise UserError(f"{path}:{line_no}: {e}; delete the file to redo its "
+                                "records") from None
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise UserError(f"{path}:{line_no}: broken line; delete the file to redo its "
                                 "records") from None

@@ -17,7 +17,7 @@ MIN_RESPONSE_TOKENS = 16   # --max-len - --max-prompt-len: fewer, and candidates
 
 
 def check_setup(cfg, world, log):
-    """-> (train samples, dev samples, tokenizer, model config, fingerprints of --train and --dev)."""
+    """-> (train samples, dev samples, tokenizer, model config, the fingerprints of the inputs)."""
     if not cfg.train:
         raise UserError("--train is required when --model is given (or drop every flag to run the demo)")
     for flag, path in (("--train", cfg.train), ("--dev", cfg.dev)):
@@ -41,9 +41,12 @@ def check_setup(cfg, world, log):
     samples, dev = data.read_samples(cfg.train), data.read_samples(cfg.dev) if cfg.dev else []
     check_samples(cfg, samples, dev, log)
     data.make_batch(tokenizer, samples[:1], cfg.max_len, cfg.max_prompt_len)   # they work together
+    # by contents (a copied model is the same input, a hub id is its cached revision); the run's
+    # own --out is no part of a model it lies in
     inputs = {"--train": fingerprint(cfg.train), "--dev": fingerprint(cfg.dev) if cfg.dev else None,
-              "--model": fingerprint(cfg.model),
-              "--tokenizer": fingerprint(cfg.tokenizer) if cfg.tokenizer else None}
+              "--model": fingerprint(cfg.model, exclude=[cfg.out]),
+              "--tokenizer": (fingerprint(cfg.tokenizer, exclude=[cfg.out]) if cfg.tokenizer
+                              else None)}
     if (checkpoints.step_dirs(cfg.out) or os.path.exists(os.path.join(cfg.out, "final"))) \
             and not cfg.resume:
         raise UserError(f"--out {cfg.out} already holds a run (checkpoints/ or final/): pass --resume, "

@@ -15,17 +15,34 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 from data import UserError                 # noqa: E402  (after the path above)
-from harness import flags                  # noqa: E402
+from harness import files, flags           # noqa: E402
 from harness.flags import opt              # noqa: E402
 
 SIGNALS = ("loss_rank", "loss_sft", "pairs_kept", "sft_on", "acc", "acc_kept", "logp_rank")
 
 
 def read_log(run):
-    """The training records of a run's log.jsonl (its dev records left out)."""
-    flags.input_file(os.path.join(run, "log.jsonl"), "--plot")
-    with open(os.path.join(run, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    """The training records of a run's log.jsonl (its dev records left out). A last line without
+    its newline is one a kill cut short (or one being written now): it is left out. A broken line
+    before it is one line naming file:line."""
+    path = os.path.join(run, "log.jsonl")
+    flags.input_file(path, "--plot")
+    try:
+        text = files.finished_bytes(path).decode("utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(f"--plot {path}: cannot read it ({e.strerror})") from None
+    records = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UserError(f"--plot {path}:{line_no}: not a record of train.py (a JSON object "
+                            "with its step); remove that line to plot the rest")
+        records.append(record)
     return [r for r in records if r.get("split", "train") == "train"]
 
 
