@@ -1354,3 +1354,45 @@ def test_the_plot_of_runs_is_a_png(tiny, two_rank_run, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and (width, height) == (1280, 560) and len(png) > 20_000
     with pytest.raises(UserError, match="--names: 1 names for 2 runs"):
         logs_.main(["--plot", str(two_rank_run), str(two_rank_run), "--names", "a"])
+
+
+def test_the_step_lifts_with_the_files_it_names(tiny, tmp_path):
+    """train.py's build_model, apply_fsdp and clha_step, in an empty folder with what train.py imports
+    (data.py, clha_loss.py and harness/) and nothing else: one step of a tiny model under a process
+    group of one, which moves its weights."""
+    for name in ("train.py", "data.py", "clha_loss.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    shutil.copytree(os.path.join(ROOT, "harness"), tmp_path / "harness")
+    script = f"""
+import torch, data, train
+from transformers import AutoConfig, AutoTokenizer
+rank, world, device = train.init_distributed()
+cfg = train.Config(model={tiny["base"]!r}, dtype="float32", max_len=128, max_prompt_len=64, lr=1e-2)
+model = train.build_model(cfg, AutoConfig.from_pretrained(cfg.model), device, rank)
+optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+before = model.lm_head.weight.full_tensor().clone()
+samples = data.read_samples({tiny["train"]!r})[:4]
+batches = [train.batch_of(cfg, AutoTokenizer.from_pretrained(cfg.model), samples)]
+sums, grad_norm, applied, stop = train.clha_step(cfg, model, optimizer, batches, cfg.lr, 0, device)
+assert applied and stop == 0 and not torch.equal(before, model.lm_head.weight.full_tensor())
+print("loss", sums[0] / 4)
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert run.returncode == 0 and "loss " in run.stdout, run.stderr[-3000:]
+
+
+def test_every_link_of_the_readme_and_docs_resolves():
+    """Relative links of README.md and docs/*.md name files of the repository (anchors and web
+    addresses aside), and the paper-to-code table is within the README's first 100 lines."""
+    import re
+    pages = ["README.md"] + sorted(glob.glob("docs/*.md", root_dir=ROOT))
+    for page in pages:
+        text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://", "#")):
+                continue
+            path = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), target.split("#")[0]))
+            assert os.path.exists(path), f"{page}: {target}"
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
+    assert len(readme) <= 250 and any(line.startswith("| Eq. 7") for line in readme[:100])
