@@ -113,11 +113,12 @@ def init_distributed(cpu_offload=False):
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as free:                      # any free port: nobody else joins
+    alone = {}
+    if "MASTER_PORT" not in os.environ:     # no torchrun: any free port, kept out of the environment
+        with socket.socket() as free:       # (a process started from this one would take it too)
             free.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(free.getsockname()[1])
+            port = free.getsockname()[1]
+        alone = dict(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     # The other ranks wait in the weight broadcast while rank 0 reads the whole checkpoint (13.5 GB
     # for LLaMA-7B, minutes from a network disk): NCCL's default 10 minutes can run out.
     timeout = timedelta(minutes=60)
@@ -133,13 +134,13 @@ def init_distributed(cpu_offload=False):
         # The memory-efficient and math kernels take the same mask.
         torch.backends.cuda.enable_cudnn_sdp(False)
         if cpu_offload:    # gradients offloaded to the host are clipped with CPU collectives
-            dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
+            dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout, **alone)
         else:
-            dist.init_process_group("nccl", device_id=device, timeout=timeout)
+            dist.init_process_group("nccl", device_id=device, timeout=timeout, **alone)
         torch.set_float32_matmul_precision("high")            # TF32 for what runs in fp32
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", timeout=timeout, **alone)
     return dist.get_rank(), dist.get_world_size(), device
 
 
