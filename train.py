@@ -114,7 +114,7 @@ def init_distributed(cpu_offload=False):
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     alone = {}
-    if "MASTER_PORT" not in os.environ:     # no torchrun: any free port, kept out of the environment
+    if "MASTER_PORT" not in os.environ:     # no torchrun: a free port, kept out of the environment
         with socket.socket() as free:       # (a process started from this one would take it too)
             free.bind(("127.0.0.1", 0))
             port = free.getsockname()[1]
