@@ -1,5 +1,5 @@
-"""The GPU suite's end-to-end block (tools/benchmark.py --e2e), run on this CPU: what a GPU session
-runs first, with the few minutes it has once.
+"""The GPU suite's end-to-end block (tools/suite.py, as tools/benchmark.py --e2e runs it), on this
+CPU: what a GPU session runs first, with the few minutes it has once.
 
     python -m pytest tests/test_suite.py         # about 1.5 min on 2 cores
 
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tools import benchmark
+from tools import benchmark, suite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 
@@ -40,13 +40,13 @@ def test_the_pipeline_end_to_end_on_a_cpu(tmp_path):
         done, rows = e2e(tmp_path, env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                                         "RANK": "0", "WORLD_SIZE": "1"})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert list(rows) == list(benchmark.E2E_ROWS), rows                  # a RESULT line per row
+    assert list(rows) == list(suite.E2E_ROWS), rows                  # a RESULT line per row
     train, resume = rows["train"], rows["resume"]
-    assert train["status"] == "ok" and len(train["losses"]) == benchmark.E2E_STEPS
+    assert train["status"] == "ok" and len(train["losses"]) == suite.E2E_STEPS
     assert rows["train_2gpu"]["status"] == "skipped: fewer than 2 GPUs"
     # SIGKILLed (torchrun and its worker) after a checkpoint, resumed: the whole run's very floats
     assert resume["status"] == "ok", resume
-    assert 2 <= resume["killed_after_step"] < benchmark.E2E_STEPS
+    assert 2 <= resume["killed_after_step"] < suite.E2E_STEPS
     assert resume["bit_identical"] and resume["tolerance"] == 0
     assert resume["losses"] == train["losses"] and resume["max_weight_diff"] == 0.0
     assert resume["reload"]["logits_finite"]                       # final/ through from_pretrained
@@ -85,7 +85,7 @@ def sleeping():
 
 def test_a_failing_or_hanging_row_is_reported_and_the_others_go_on(tmp_path):
     done, rows = e2e(tmp_path, "--e2e-rows", "train", "resume", "gradients", "offload",
-                     env={benchmark.FAIL_ENV: "train:hang,gradients"})
+                     env={suite.FAIL_ENV: "train:hang,gradients"})
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "--e2e: 2 rows failed: train, gradients" in done.stderr
     assert rows["train"]["status"] == "failed"
@@ -104,20 +104,20 @@ def test_resume_tolerance():
     """Bit-identical on a CPU; on a GPU within RESUME_RTOL_GPU, which other prompts (a lost data
     order) exceed by far: this model's losses differ by 10-30% from step to step."""
     reference = {1: 11.32, 2: 12.30, 3: 8.59, 4: 9.86}
-    assert benchmark.compare_losses(dict(reference), reference, 0)["bit_identical"]
-    with pytest.raises(benchmark.RowFailed, match="uninterrupted run's by 1.00e-06"):
-        benchmark.compare_losses({**reference, 4: 9.86 * (1 + 1e-6)}, reference, 0)
+    assert suite.compare_losses(dict(reference), reference, 0)["bit_identical"]
+    with pytest.raises(suite.RowFailed, match="uninterrupted run's by 1.00e-06"):
+        suite.compare_losses({**reference, 4: 9.86 * (1 + 1e-6)}, reference, 0)
     noisy = {s: x * (1 + 0.004 * (-1) ** s) for s, x in reference.items()}     # bf16 noise
-    found = benchmark.compare_losses(noisy, reference, benchmark.RESUME_RTOL_GPU)
+    found = suite.compare_losses(noisy, reference, suite.RESUME_RTOL_GPU)
     assert not found["bit_identical"] and found["max_rel_diff"] < 0.005
     shifted = {s: reference[s % 4 + 1] for s in reference}               # the next step's prompts
-    with pytest.raises(benchmark.RowFailed, match="tolerance 0.01"):
-        benchmark.compare_losses(shifted, reference, benchmark.RESUME_RTOL_GPU)
+    with pytest.raises(suite.RowFailed, match="tolerance 0.01"):
+        suite.compare_losses(shifted, reference, suite.RESUME_RTOL_GPU)
 
 
 def test_rows_past_the_budget_are_skipped(tmp_path, capsys):
     cfg = benchmark.flags.parse(benchmark.Config, ["--e2e", "--e2e-dir", str(tmp_path)])
-    results = benchmark.e2e(cfg, deadline=time.monotonic())
+    results = suite.e2e(cfg, deadline=time.monotonic())
     spent = "skipped: the suite's time budget is spent"
-    assert [r["status"] for r in results] == [spent] * len(benchmark.E2E_ROWS)
+    assert [r["status"] for r in results] == [spent] * len(suite.E2E_ROWS)
     assert f"| offload | {spent} |" in capsys.readouterr().out

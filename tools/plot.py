@@ -1,4 +1,5 @@
-"""A picture of one or more training runs: one panel per signal CLHA's method moves, a colour per run.
+"""A picture of one or more training runs: one panel per signal CLHA's method moves, a colour per
+run.
 
     python tools/plot.py --plot runs/clha runs/pro --out curves.png --names CLHA PRO
 
@@ -82,9 +83,11 @@ class Config:
 
 
 def main(argv=None):
-    cfg = flags.parse(Config, argv, __doc__.split("\n")[0])
+    cfg = flags.parse(Config, argv, __doc__.split("\n\n")[0])
     if not cfg.plot:
-        raise UserError("give --plot RUN [RUN ...], e.g. python tools/plot.py --plot runs/clha --out c.png")
+        raise UserError("give --plot RUN [RUN ...], e.g. python tools/plot.py --plot runs/clha "
+                        "--out c.png")
+
     if cfg.names and len(cfg.names) != len(cfg.plot):
         raise UserError(f"--names: {len(cfg.names)} names for {len(cfg.plot)} runs")
     if importlib.util.find_spec("matplotlib") is None:
