@@ -51,9 +51,9 @@ UMASK = os.umask(os.umask(0o022))                     # read once: the mode new 
 
 
 class UserError(ValueError):
-    """A mistake the user can fix, in a flag, a path or a line of data: the message says what to
-    change. Every script prints it as one line and exits with 2 (harness/flags.py). It lives here, the
-    lowest module that raises it, so that this file copies alone."""
+    """A mistake the user can fix, in a flag, a path or a line of data, with a message that says
+    what to change; every script prints it as one line and exits with 2 (harness/flags.py). It lives
+    in the lowest module that raises it, so that this file copies alone."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -85,14 +85,14 @@ def special_prefix(tokenizer):
 
 @functools.lru_cache(maxsize=16)
 def max_token_chars(tokenizer):
-    """The most characters one token stands for, so that text[:n * this] keeps text's first n tokens:
-    a 30 MB line is cut before it is tokenized, not after."""
+    """The most characters one token stands for, so that text[:n * this] keeps text's first n
+    tokens: a 30 MB line is cut before it is tokenized, not after."""
     return max(map(len, tokenizer.get_vocab()))
 
 
 def split_tokens(tokenizer, text, boundary):
     """The tokenizer's own encoding of `text`, split at character `boundary` by the tokens' offsets:
-    (the tokens that end before it, the rest). A token that crosses the boundary goes with the rest."""
+    (the tokens that end before it, the rest); a token that crosses it goes with the rest."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ends = [end for _, end in encoded["offset_mapping"]]
     split = next((n for n, end in enumerate(ends) if end > boundary), len(ends))
@@ -105,31 +105,31 @@ def encode_prompt(tokenizer, prompt, max_prompt_len):
     prefix = special_prefix(tokenizer)
     keep = max_prompt_len - len(prefix)
     if keep < 1:
-        raise UserError(f"--max-prompt-len {max_prompt_len} leaves no room after {len(prefix)} special "
-                        "tokens")
+        raise UserError(f"--max-prompt-len {max_prompt_len} leaves no room after {len(prefix)} "
+                        "special tokens")
     prompt = prompt[-2 * keep * max_token_chars(tokenizer):]     # no need to tokenize what is cut
     return prefix + split_tokens(tokenizer, prompt + " ", len(prompt))[0][-keep:]
 
 
 def encode_sample(tokenizer, sample, max_len=512, max_prompt_len=384):
-    """-> K rows (prompt ids, response ids), one per candidate: the tokenizer's own encoding of the
-    text prompt + " " + response, so a byte-level BPE (Llama-3, Qwen2) sees ':' 'ĠHello' as in the
-    dialogue. The prompt is cut from the left as encode_prompt cuts it, the response from the right to
-    fit `max_len`; only a response that fits whole ends with EOS."""
+    """-> K rows (prompt ids, response ids), one per candidate: the tokenizer's own encoding of
+    prompt + " " + response, so a byte-level BPE (Llama-3, Qwen2) sees ':' 'ĠHello' as in the
+    dialogue. The prompt is cut from the left as encode_prompt cuts it, the response from the right
+    to fit `max_len`; only a response that fits whole ends with EOS."""
     prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
     keep = max_prompt_len - len(prefix)
     if keep < 1 or max_len - max_prompt_len < 1:
-        raise UserError(f"--max-prompt-len {max_prompt_len} and --max-len {max_len} leave no room for "
-                        f"the prompt after {len(prefix)} special tokens, or for the response")
+        raise UserError(f"--max-prompt-len {max_prompt_len} and --max-len {max_len} leave no room "
+                        f"for the prompt after {len(prefix)} special tokens, or for the response")
     chars = 2 * max_len * max_token_chars(tokenizer)
     prompt, rows = sample["prompt"][-chars:], []
     for response in sample["responses"]:
         prompt_ids, response_ids = split_tokens(tokenizer, prompt + " " + response.strip()[:chars],
                                                 len(prompt))
         prompt_ids = prefix + prompt_ids[-keep:]
-        if not prompt_ids:                     # Eq. 3 needs a token before the response to predict it
-            raise UserError(f"sample {sample.get('id')}: its prompt has no token of its own before the "
-                            "response")
+        if not prompt_ids:                 # Eq. 3 needs a token before the response to predict it
+            raise UserError(f"sample {sample.get('id')}: its prompt has no token of its own before "
+                            "the response")
         room = max_len - len(prompt_ids)
         rows.append((prompt_ids, response_ids + [eos] if len(response_ids) < room else
                      response_ids[:room]))
@@ -144,21 +144,20 @@ def pad_id(tokenizer):
 
 
 def shared_rows(encoded):
-    """One sample's K (prompt ids, response ids) -> (shared ids, [(candidate ids, own prompt tokens)]).
-    The shared part is the longest run of prompt tokens all K have in common: with a byte-level BPE
-    the last prompt tokens can differ (a token crossing into the reply is the reply's), and stay in
-    each candidate's own part, before its response."""
+    """One sample's K (prompt ids, response ids) -> (shared ids, [(candidate ids, own prompt
+    tokens)]): the longest run of prompt tokens all K share; with a byte-level BPE the last ones can
+    differ (a token crossing into the reply is the reply's) and stay each candidate's own."""
     prompts = [prompt for prompt, _ in encoded]
     n = 0
     while n < min(map(len, prompts)) and len({p[n] for p in prompts}) == 1:
         n += 1
-    return prompts[0][:n], [(prompt[n:] + response, len(prompt) - n) for prompt, response in encoded]
+    return prompts[0][:n], [(p[n:] + response, len(p) - n) for p, response in encoded]
 
 
 def pack(lengths, pack_len):
-    """The row of each group, in as few rows of at most `pack_len` tokens as hold them (a longer group
-    gets a row of its own), balanced: the longest row sets every row's padding, so the longest groups
-    go first, each to the shortest row so far."""
+    """The row of each group, in as few rows of at most `pack_len` tokens as hold them (a longer
+    group gets a row of its own), balanced: the longest row sets every row's padding, so the
+    longest groups go first, each to the shortest row so far."""
     rows = 1
     while True:
         load, count, where = [0] * rows, [0] * rows, [0] * len(lengths)
@@ -172,21 +171,19 @@ def pack(lengths, pack_len):
 
 def collate(groups, samples, pad_id, share_prompt, pack_len=None, multiple=8):
     """Groups (shared ids, [(candidate ids, own prompt tokens)]) -> the batch, padded on the right.
-
     A group is a prompt with its K candidates (share_prompt), or one candidate with its prompt; each
-    has a row, or with pack_len they share rows of at most pack_len tokens. For each response token
-    the batch says where the logit that predicts it is (`predict`: row and column), in candidate order,
-    prompt-major (candidate n = b * K + k); `lengths`: the response tokens of each candidate.
-    """
+    has a row, or with pack_len they share rows of at most pack_len tokens. `predict`: the row and
+    column of the logit that predicts each response token, in candidate order, prompt-major
+    (candidate n = b * K + k); `lengths`: the response tokens of each candidate."""
     sizes = [len(shared) + sum(len(ids) for ids, _ in cands) for shared, cands in groups]
     row_of = pack(sizes, pack_len) if pack_len else list(range(len(groups)))
     R, fill = max(row_of) + 1, [0] * (max(row_of) + 1)
     L = -(-max(sum(n for n, r in zip(sizes, row_of) if r == row) for row in range(R)) // multiple) \
         * multiple
-    input_ids = torch.full((R, L), pad_id, dtype=torch.long)            # [R, L]
-    positions = torch.zeros(R, L, dtype=torch.long)                     # [R, L] within each group
-    segment = torch.zeros(R, L, dtype=torch.long)                       # [R, L] group + 1, 0: padding
-    part = torch.zeros(R, L, dtype=torch.long)                          # [R, L] 0: shared, k + 1: cand. k
+    input_ids = torch.full((R, L), pad_id, dtype=torch.long)   # [R, L]
+    positions = torch.zeros(R, L, dtype=torch.long)            # [R, L] within each group
+    segment = torch.zeros(R, L, dtype=torch.long)              # [R, L] group + 1, 0: padding
+    part = torch.zeros(R, L, dtype=torch.long)                 # [R, L] 0: shared, k + 1: cand. k
     predict, targets, lengths, tokens = [], [], [], 0
     for g, ((shared, cands), r) in enumerate(zip(groups, row_of)):
         at, P = fill[r], len(shared)
@@ -207,7 +204,7 @@ def collate(groups, samples, pad_id, share_prompt, pack_len=None, multiple=8):
     # [R, L, L] True where a token may attend: its own group, causally, the shared part or itself
     sees = (segment[:, :, None] == segment[:, None, :]) & (i[:, None] >= i[None, :]) \
         & ((part[:, None, :] == 0) | (part[:, :, None] == part[:, None, :]))
-    rows, cols = torch.tensor(predict).T                                # [M] each
+    rows, cols = torch.tensor(predict).T                       # [M] each
     # the columns whose logits are needed, per row, so that the LM head runs on those alone
     needed = [sorted(set(cols[rows == r].tolist())) for r in range(R)]
     keep = torch.tensor([c + c[-1:] * (max(map(len, needed)) - len(c)) for c in needed])   # [R, n]
@@ -231,8 +228,8 @@ def collate(groups, samples, pad_id, share_prompt, pack_len=None, multiple=8):
 
 def make_batch(tokenizer, samples, max_len=512, max_prompt_len=384, share_prompt=False,
                pack_len=None):
-    """Samples -> one batch of their B prompts and all K candidates: one row per candidate, or with
-    share_prompt one row per prompt, or with share_prompt and pack_len the prompts packed in rows."""
+    """Samples -> one batch of their B prompts and all K candidates: a row per candidate, or with
+    share_prompt a row per prompt, or with share_prompt and pack_len prompts packed in rows."""
     encoded = [encode_sample(tokenizer, s, max_len, max_prompt_len) for s in samples]
     groups = [shared_rows(e) for e in encoded] if share_prompt else \
         [(prompt, [(response, 0)]) for e in encoded for prompt, response in e]
@@ -241,29 +238,29 @@ def make_batch(tokenizer, samples, max_len=512, max_prompt_len=384, share_prompt
 
 
 def check_layout(config, max_len, flag="--model"):
-    """The shared-prompt layouts hand the attention a [R, 1, L, L] mask of their own: sdpa and eager
-    take it; flash attention would ignore it, and a sliding window shorter than a sequence would not
-    apply."""
+    """The shared-prompt layouts' own [R, 1, L, L] mask: sdpa and eager take it; flash attention
+    would ignore it, and the mask would not apply a sliding window shorter than a sequence."""
     impl, window = config._attn_implementation, getattr(config, "sliding_window", None)
     if impl not in ("sdpa", "eager"):
         raise UserError(f"{flag}: its attention ({impl}) cannot take the shared-prompt mask: pass "
                         "--no-share-prompt")
     if window and max_len > window:
-        raise UserError(f"{flag}: its sliding window ({window}) is shorter than --max-len {max_len}, "
-                        "which the shared-prompt mask would not apply: pass --no-share-prompt")
+        raise UserError(f"{flag}: its sliding window ({window}) is shorter than --max-len "
+                        f"{max_len}, which the shared-prompt mask would not apply: pass "
+                        "--no-share-prompt")
 
 
 def policy_logps(model, batch):
-    """Eq. 3 for every candidate of a batch from make_batch, in any layout -> mean and summed response
-    log-probs [N], N = B * K prompt-major. All candidates go through one forward (under FSDP each
-    forward all-gathers every layer: one per candidate would cost K times the communication), and the
-    LM head runs only on the columns whose logits predict a response token (`keep`)."""
+    """Eq. 3 for each candidate of a make_batch batch, any layout -> mean and summed response
+    log-probs [N], N = B * K prompt-major: one forward for all (under FSDP each forward all-gathers
+    every layer), the LM head only on the columns that predict a response token (`keep`)."""
     mask = batch["attention_mask"]
-    if mask.dim() == 4 and model.config._attn_implementation == "eager":   # eager adds it: 0 or -inf
-        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(
-            torch.float32).min)
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch[
-        "position_ids"], logits_to_keep=batch["keep"]).logits      # [R, n, V]
+    if mask.dim() == 4 and model.config._attn_implementation == "eager":  # eager adds it: 0 or -inf
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(
+            ~mask, torch.finfo(torch.float32).min)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask,
+                   position_ids=batch["position_ids"],
+                   logits_to_keep=batch["keep"]).logits             # [R, n, V]
     scores = logits[batch["predict"][0], batch["slots"]]            # [M, V]
     return response_logps(scores, batch["targets"], batch["lengths"], batch["longest"])   # Eq. 3
 
@@ -277,10 +274,9 @@ def to_device(batch, device):
 # ---- sampling ------------------------------------------------------------------------------------
 
 def step_batches(lengths, global_batch, seed, epoch, group_by_length=False, window=32):
-    """Sample indices of each optimizer step in one epoch; the order depends only on (seed, epoch).
-    The last len(lengths) % global_batch samples of the shuffled order are left out. group_by_length:
-    sort by length within windows of `window` steps, then shuffle the steps, so that a micro-batch's
-    prompts have similar lengths (less padding) while the epoch stays random."""
+    """Sample indices of each optimizer step in one epoch, set by (seed, epoch) alone; the shuffle's
+    last len(lengths) % global_batch are left out. group_by_length sorts by length within windows of
+    `window` steps, then shuffles the steps: less padding per micro-batch, still a random epoch."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
     order = order[:len(order) // global_batch * global_batch]
@@ -305,8 +301,8 @@ def iterate_steps(lengths, global_batch, seed, epochs, start=0, group_by_length=
 
 
 def micro_batch(step, batch_size, world_size, rank, micro):
-    """The indices `rank` trains on in accumulation step `micro` of one optimizer step: the same global
-    batch gives the same micro-batches whatever the split (1 rank x 2 accumulation == 2 ranks x 1)."""
+    """The indices `rank` trains on in accumulation step `micro` of an optimizer step: the same
+    micro-batches whatever the split (1 rank x 2 accumulation == 2 ranks x 1)."""
     start = (micro * world_size + rank) * batch_size
     return step[start:start + batch_size]
 
@@ -344,7 +340,8 @@ def _json_lines(path):
                 if obj is not None:
                     yield line_no, obj
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise UserError(f"{path}:{line_no + 1}: broken gzip data ({e}); is the file complete?") from None
+        raise UserError(f"{path}:{line_no + 1}: broken gzip data ({e}); is the file "
+                        "complete?") from None
 
 
 def visible(text):
@@ -354,9 +351,9 @@ def visible(text):
 
 
 def read_hh_rlhf(path, subset=None, split=None):
-    """Anthropic's {"chosen", "rejected"} lines -> (samples, skipped counts): the prompt is everything
-    up to the last '\\n\\nAssistant:', the reply all of the rest (the authors' preprocessing keeps only
-    its first paragraph). Pairs with an empty reply, or whose dialogues differ before it, are skipped."""
+    """Anthropic's {"chosen", "rejected"} lines -> (samples, skipped counts): the prompt is all up
+    to the last '\\n\\nAssistant:', the reply the rest (the authors' preprocessing keeps its first
+    paragraph only). Pairs with an empty reply, or whose dialogues differ before it, are skipped."""
     subset = subset or os.path.basename(os.path.dirname(os.path.abspath(path)))
     split = split or os.path.basename(path).split(".")[0]
     samples, skipped = [], Counter()
@@ -366,7 +363,8 @@ def read_hh_rlhf(path, subset=None, split=None):
         if ASSISTANT not in obj["chosen"] or ASSISTANT not in obj["rejected"]:
             raise UserError(f"{path}:{line_no}: a dialogue has no '\\n\\nAssistant:' turn")
         (prompt, chosen), (other, rejected) = [
-            (d[:d.rfind(ASSISTANT) + len(ASSISTANT)], d[d.rfind(ASSISTANT) + len(ASSISTANT):].strip())
+            (d[:d.rfind(ASSISTANT) + len(ASSISTANT)],
+             d[d.rfind(ASSISTANT) + len(ASSISTANT):].strip())
             for d in (obj["chosen"], obj["rejected"])]
         if prompt != other:
             skipped["prompts differ"] += 1
@@ -385,7 +383,8 @@ def check_sample(s, where, min_responses=2):
     """Raise a UserError naming `where` (file:line) unless `s` is a well-formed sample."""
     for key, kind in (("id", str), ("prompt", str), ("responses", list), ("sft_index", int)):
         if not isinstance(s.get(key), kind) or isinstance(s.get(key), bool):
-            raise UserError(f"{where}: field {key!r} must be a {kind.__name__}, got {s.get(key)!r:.40}")
+            raise UserError(f"{where}: field {key!r} must be a {kind.__name__}, got "
+                            f"{s.get(key)!r:.40}")
     if not visible(s["prompt"]):
         raise UserError(f"{where}: the prompt is empty")
     K, rewards = len(s["responses"]), s.get("rewards")
@@ -404,8 +403,8 @@ def check_sample(s, where, min_responses=2):
 
 
 def read_samples(path, min_responses=2, check=None):
-    """Samples from a file in our format or the authors' (detected per line). check(sample): a further
-    test of each sample; the UserError it raises is reported at file:line."""
+    """Samples from a file in our format or the authors' (detected per line). check(sample): a
+    further test of each sample; the UserError it raises is reported at file:line."""
     samples = []
     for line_no, obj in _json_lines(path):
         where = f"{path}:{line_no}"
@@ -427,23 +426,23 @@ def read_samples(path, min_responses=2, check=None):
 def _from_authors_format(obj, where):
     """The authors' {"prefix", "suffix", "reward", "sft_index"} line -> our sample."""
     prefix, suffix = obj.get("prefix"), obj.get("suffix")
-    list_of = lambda value, kind: isinstance(value, list) and all(isinstance(v, kind) for v in value)
+    list_of = lambda x, kind: isinstance(x, list) and all(isinstance(v, kind) for v in x)
     if not (list_of(prefix, list) and prefix and list_of(prefix[0], str) and list_of(suffix, str)):
         raise UserError(f"{where}: the authors' format needs 'prefix' as lists of turn strings and "
                         "'suffix' as a list of response strings")
-    prompt = "".join(prefix[0]).replace("<|prompter|>", "\n\nHuman: ").replace("<|assistant|>",
-                                                                               "\n\nAssistant: ")
+    prompt = "".join(prefix[0]).replace("<|prompter|>", "\n\nHuman: ") \
+        .replace("<|assistant|>", "\n\nAssistant: ")
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     subset = next((s for s in SUBSETS if s in str(meta.get("path", ""))), "unknown")
-    return {"id": f"{subset}/{meta.get('line_num', where)}", "subset": subset, "prompt": prompt.rstrip(),
-            "responses": suffix, "rewards": obj.get("reward"), "sft_index": obj.get("sft_index", 0)}
+    return {"id": f"{subset}/{meta.get('line_num', where)}", "subset": subset,
+            "prompt": prompt.rstrip(), "responses": suffix, "rewards": obj.get("reward"),
+            "sft_index": obj.get("sft_index", 0)}
 
 
 @contextlib.contextmanager
 def atomic_file(path):
     """A binary file that replaces `path` whole when the block ends, or leaves it as it was: written
-    under a temporary name made afresh (a file or link planted under a temporary name is never written
-    through), flushed to the disk, then renamed over `path`."""
+    under a fresh temporary name (never through a file or link planted there), fsynced, renamed."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
@@ -460,13 +459,14 @@ def atomic_file(path):
 
 
 def write_jsonl(path, samples):
-    """JSON lines, written atomically (gzipped if the name ends in .gz). A symlink is written through:
-    the file it points to is replaced."""
+    """JSON lines, written atomically (gzipped if the name ends in .gz). A symlink is written
+    through: the file it points to is replaced."""
     path = os.path.realpath(path)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_file(path) as raw, (gzip.GzipFile(fileobj=raw, mode="wb", filename="")
-                                        if path.endswith(".gz") else contextlib.nullcontext(raw)) as f:
+        with atomic_file(path) as raw, \
+                (gzip.GzipFile(fileobj=raw, mode="wb", filename="") if path.endswith(".gz")
+                 else contextlib.nullcontext(raw)) as f:
             for s in samples:
                 f.write((json.dumps(s, ensure_ascii=False) + "\n").encode("utf-8"))
     except OSError as e:
@@ -477,17 +477,18 @@ def write_jsonl(path, samples):
 # ---- the paper's splits (Sec. 3.1) ---------------------------------------------------------------
 
 def build_splits(hh_dir, out_dir, dev_size=280, seed=0, extra=None):
-    """train = the four train files; dev = `dev_size` test samples drawn with `seed`; test = the rest,
-    per subset. Unlike the authors' code, dev is removed from test (the paper says "partition").
-    `extra`: a file of more responses per prompt (HH-RLHF_3), see `add_responses`."""
+    """train = the four train files; dev = `dev_size` test samples drawn with `seed`; test = the
+    rest, per subset. Unlike the authors' code, dev is removed from test (the paper says
+    "partition"). `extra`: a file of more responses per prompt (HH-RLHF_3), see `add_responses`."""
     if not os.path.isdir(hh_dir):
-        raise UserError(f"--hh-dir {hh_dir}: no such folder (a clone of github.com/anthropics/hh-rlhf)")
+        raise UserError(f"--hh-dir {hh_dir}: no such folder (a clone of "
+                        "github.com/anthropics/hh-rlhf)")
     paths = [os.path.join(hh_dir, subset, f"{split}.jsonl.gz") for subset in SUBSETS
              for split in ("train", "test")]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise UserError(f"--hh-dir {hh_dir}: {missing[0]} is missing (it needs the four subsets, train "
-                        "and test)")
+        raise UserError(f"--hh-dir {hh_dir}: {missing[0]} is missing (it needs the four subsets, "
+                        "train and test)")
     train, tests = [], {}
     for path in paths:
         subset, split = path.split(os.sep)[-2], os.path.basename(path).split(".")[0]
@@ -506,13 +507,14 @@ def build_splits(hh_dir, out_dir, dev_size=280, seed=0, extra=None):
     for subset in SUBSETS:
         write_jsonl(os.path.join(out_dir, "test", f"{subset}.jsonl"),
                     [s for s in tests[subset] if s["id"] not in dev_ids])
-    print(f"wrote {out_dir}: train {len(train)}, dev {len(dev_ids)}, test {len(all_test) - len(dev_ids)}")
+    print(f"wrote {out_dir}: train {len(train)}, dev {len(dev_ids)}, "
+          f"test {len(all_test) - len(dev_ids)}")
 
 
 def add_responses(samples, extra_path):
     """Append the responses of `extra_path` (any sample file, matched by prompt text) that a sample
-    lacks, e.g. one ChatGPT reply per prompt for HH-RLHF_3. Samples that gain nothing are dropped (and
-    counted), so that every sample ends with the same K."""
+    lacks, e.g. one ChatGPT reply per prompt for HH-RLHF_3. Samples that gain nothing are dropped
+    (and counted), so that every sample ends with the same K."""
     extra = {}
     for s in read_samples(extra_path, min_responses=1):
         extra.setdefault(s["prompt"], []).extend(s["responses"])
@@ -521,17 +523,20 @@ def add_responses(samples, extra_path):
         new = [r for r in dict.fromkeys(extra.get(s["prompt"], [])) if r not in s["responses"]]
         if new:
             out.append({**s, "responses": s["responses"] + new, "rewards": None})
-    print(f"{extra_path}: added responses to {len(out)} of {len(samples)} samples, dropped the rest")
+    print(f"{extra_path}: added responses to {len(out)} of {len(samples)} samples, "
+          "dropped the rest")
     return out
 
 
 def main(argv=None):
     flags = Parser(description=__doc__.split("\n")[0], allow_abbrev=False)
     flags.add_argument("--hh-dir", required=True, help="Anthropic's hh-rlhf folder (4 subsets)")
-    flags.add_argument("--out", required=True, help="folder: train.jsonl, dev.jsonl, test/<subset>.jsonl")
+    flags.add_argument("--out", required=True,
+                       help="folder: train.jsonl, dev.jsonl, test/<subset>.jsonl")
     flags.add_argument("--dev-size", type=int, default=280, help="test samples moved to dev [>= 0]")
     flags.add_argument("--seed", type=int, default=0, help="seed of the dev draw")
-    flags.add_argument("--extra", default="", help="a file of more responses per prompt (HH-RLHF_3)")
+    flags.add_argument("--extra", default="",
+                       help="a file of more responses per prompt (HH-RLHF_3)")
     args = flags.parse_args(argv)
     if args.dev_size < 0:
         raise UserError(f"--dev-size {args.dev_size}: must be at least 0")

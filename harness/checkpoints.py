@@ -1,24 +1,25 @@
-"""What survives a kill of train.py: sharded checkpoints, verified before use, resume, and the export.
+"""What survives a kill of train.py: sharded checkpoints verified before use, resume and the export.
 
-    OUT/checkpoints/step_N/   each rank's shards of the model and AdamW's state (torch.distributed.checkpoint),
-                              its RNG state, and meta.json: the step, the world size, the settings, the
-                              fingerprints of the inputs, and the SHA-256 of every file; the newest
-                              --keep-checkpoints are kept
-    OUT/final/                the consolidated model and tokenizer: AutoModelForCausalLM.from_pretrained(OUT/final)
+    OUT/checkpoints/step_N/   each rank's shards of the model and AdamW's state
+                              (torch.distributed.checkpoint), its RNG state, and meta.json: the
+                              step, the world size, the settings, the fingerprints of the inputs,
+                              and the SHA-256 of every file; the newest --keep-checkpoints are kept
+    OUT/final/                the consolidated model and tokenizer:
+                              AutoModelForCausalLM.from_pretrained(OUT/final)
 
-Every folder is written under a fresh temporary name, flushed to disk and renamed once complete, so a kill,
-a full disk or a folder turned read-only leaves the previous checkpoint rather than half of one, and a
-refused write is one line on every rank. A checkpoint or an export whose weights or optimizer state are
-not finite is never written: the run stops in one line instead. `--resume` checks every file of the
-newest checkpoint against its recorded SHA-256 before anything is read, loads it, and checks that what
-it loaded is finite; a damaged checkpoint is named in one line and skipped for the newest intact one.
-It refuses other settings or other inputs (fingerprints.check_settings), and starts at step 0 where there
-is no checkpoint yet.
+Every folder is written under a fresh temporary name, flushed to disk and renamed once complete, so
+a kill, a full disk or a folder turned read-only leaves the previous checkpoint rather than half of
+one, and a refused write is one line on every rank. A checkpoint or an export whose weights or
+optimizer state are not finite is never written: the run stops in one line instead. `--resume`
+checks every file of the newest checkpoint against its recorded SHA-256 before anything is read,
+loads it, and checks that what it loaded is finite; a damaged checkpoint is named in one line and
+skipped for the newest intact one. It refuses other settings or other inputs
+(fingerprints.check_settings), and starts at step 0 where there is no checkpoint yet.
 
-What is trusted: nothing in a checkpoint runs code. Its tensors are read as tensors; the one pickle DCP
-writes (.metadata, the index of the shards) is read by an unpickler that builds DCP's own index classes
-and refuses anything else; AdamW's hyperparameters are not stored (they are the flags, which a resume
-must repeat). The hashes detect damage, not an attacker who rewrites meta.json too.
+What is trusted: nothing in a checkpoint runs code. Its tensors are read as tensors; the one pickle
+DCP writes (.metadata, the index of the shards) is read by an unpickler that builds DCP's own index
+classes and refuses anything else; AdamW's hyperparameters are not stored (they are the flags, which
+a resume must repeat). The hashes detect damage, not an attacker who rewrites meta.json too.
 """
 
 import dataclasses
@@ -43,11 +44,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from data import UserError, atomic_file
 from harness.files import read_json
 from harness.fingerprints import check_settings
-
-# train.py flags a resumed run may change: where and how often it reports, how the same global batch is
-# split, and how the same arithmetic is laid out. Any other change would alter the data order or the
-# objective. (--batch-size may change only under --reduction paper: "official" averages within each
-# micro-batch.) --model, --tokenizer, --train and --dev are compared by their contents, as inputs.
+# train.py flags a resumed run may change: where and how often it reports, how the same global batch
+# is split, and how the same arithmetic is laid out. Any other change would alter the data order or
+# the objective. (--batch-size may change only under --reduction paper: "official" averages within
+# each micro-batch.) --model, --tokenizer, --train and --dev are compared by contents, as inputs.
 FREE_ON_RESUME = {"resume", "out", "max_steps", "log_every", "eval_every", "save_every",
                   "keep_checkpoints", "activation_checkpointing", "cpu_offload", "compile",
                   "export_dtype", "share_prompt", "pack", "pack_len", "tensorboard", "wandb",
@@ -57,17 +57,17 @@ FREE_ON_RESUME = {"resume", "out", "max_steps", "log_every", "eval_every", "save
 # ---- saving --------------------------------------------------------------------------------------
 
 def save(cfg, model, optimizer, step, rank, world, inputs):
-    """Each rank writes its own shards (DCP) into a fresh step_N.*.tmp folder and hashes them; rank 0
-    writes meta.json and renames the folder once every rank has finished. The folder must be shared by
-    all nodes. A write the filesystem refuses, on any rank and at any stage, stops every rank with the
-    same one line; so does a state that is not finite."""
+    """Each rank writes its own shards (DCP) into a fresh step_N.*.tmp folder and hashes them;
+    rank 0 writes meta.json and renames the folder once every rank has finished. The folder must be
+    shared by all nodes. A write the filesystem refuses, on any rank and at any stage, stops every
+    rank with the same one line; so does a state that is not finite."""
     path = os.path.join(cfg.out, "checkpoints", f"step_{step:07d}")
     state, made = training_state(model, optimizer), [None, None]
     if rank == 0:                                           # a fresh name no planted file can hold
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            made[0] = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f"{os.path.basename(path)}.",
-                                       suffix=".tmp")
+            made[0] = tempfile.mkdtemp(dir=os.path.dirname(path),
+                                       prefix=f"{os.path.basename(path)}.", suffix=".tmp")
         except OSError as e:
             made[1] = e.strerror
     dist.broadcast_object_list(made, src=0)
@@ -75,17 +75,18 @@ def save(cfg, model, optimizer, step, rank, world, inputs):
     problem, hashes = problem or (None if finite(state) else "not finite"), {}
     if problem is None:
         try:
-            dcp.save(state, checkpoint_id=temporary)        # every rank learns of any rank's failure
+            dcp.save(state, checkpoint_id=temporary)        # each rank learns of any rank's failure
             rng = io.BytesIO()
             torch.save(torch.get_rng_state(), rng)
-            with open(os.path.join(temporary, f"rng_rank{rank}.pt"), "xb") as f:   # refused: OSError
+            with open(os.path.join(temporary, f"rng_rank{rank}.pt"), "xb") as f:  # refused: OSError
                 f.write(rng.getvalue())
                 os.fsync(f.fileno())
             mine = [f"rng_rank{rank}.pt"] + [".metadata"] * (rank == 0) + \
                 [n for n in os.listdir(temporary) if n.startswith(f"__{rank}_")]
             hashes = {name: sha256(os.path.join(temporary, name)) for name in mine}
         except (OSError, CheckpointException) as e:
-            failures = [x[0] for x in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+            failures = [x[0] for x in e.failures.values()] \
+                if isinstance(e, CheckpointException) else [e]
             problem = refused_write(failures[0])
             if not all(refused_write(x) for x in failures):
                 raise
@@ -94,8 +95,9 @@ def save(cfg, model, optimizer, step, rank, world, inputs):
     problems = [p for p, _ in gathered]
     if rank == 0 and not any(problems):
         try:
-            meta = {"step": step, "world": world, "config": dataclasses.asdict(cfg), "inputs": inputs,
-                    "files": {name: h for _, files in gathered for name, h in sorted(files.items())}}
+            meta = {"step": step, "world": world, "config": dataclasses.asdict(cfg),
+                    "inputs": inputs, "files": {name: h for _, files in gathered
+                                                for name, h in sorted(files.items())}}
             with atomic_file(os.path.join(temporary, "meta.json")) as f:
                 f.write(json.dumps(meta).encode())
             fsync_folder(temporary)
@@ -112,16 +114,16 @@ def save(cfg, model, optimizer, step, rank, world, inputs):
         if rank == 0 and temporary:
             shutil.rmtree(temporary, ignore_errors=True)
         if verdict[0] == "not finite":
-            raise UserError(f"training diverged: the weights or AdamW's state at step {step} are not "
-                            "finite, so they were not saved; the checkpoints before it are kept: lower "
-                            "--lr and resume from one (--resume)")
+            raise UserError(f"training diverged: the weights or AdamW's state at step {step} are "
+                            "not finite, so they were not saved; the checkpoints before it are "
+                            "kept: lower --lr and resume from one (--resume)")
         raise UserError(f"cannot write {path} ({verdict[0]}): the checkpoints before it are kept; "
                         "rerun with --resume once there is room")
 
 
 def training_state(model, optimizer):
-    """What a checkpoint holds: this rank's shards of the model and of AdamW's per-parameter state (its
-    moments and step count: tensors only); AdamW's hyperparameters are the flags'."""
+    """What a checkpoint holds: this rank's shards of the model and of AdamW's per-parameter state
+    (its moments and step count: tensors only); AdamW's hyperparameters are the flags'."""
     return {"model": get_model_state_dict(model),
             "optim": {"state": get_optimizer_state_dict(model, optimizer)["state"]}}
 
@@ -130,7 +132,8 @@ def finite(state):
     """Whether every tensor of this rank's part of a state is finite, agreed by every rank."""
     tensors = [t.to_local() if isinstance(t, DTensor) else t
                for t in _leaves(state) if torch.is_tensor(t) and t.is_floating_point()]
-    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
+    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors \
+        else torch.tensor(True)
     ok = ok.float().reshape(1)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
@@ -167,7 +170,8 @@ def refused_write(e):
     RuntimeError about the file position."""
     if isinstance(e, OSError):
         return e.strerror or str(e)
-    if isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "PytorchStreamWriter failed" in str(e)):
+    if isinstance(e, RuntimeError) and ("unexpected pos" in str(e)
+                                        or "PytorchStreamWriter failed" in str(e)):
         return "the file could not be written in full"
     return None
 
@@ -177,22 +181,22 @@ def refused_write(e):
 def step_dirs(out):
     """Every step_N folder of OUT/checkpoints, oldest first (.tmp folders excluded)."""
     folder = os.path.join(out, "checkpoints")
-    names = sorted(n for n in os.listdir(folder) if n.startswith("step_") and not n.endswith(".tmp")) \
-        if os.path.isdir(folder) else []
+    names = sorted(n for n in os.listdir(folder) if n.startswith("step_")
+                   and not n.endswith(".tmp")) if os.path.isdir(folder) else []
     return [os.path.join(folder, n) for n in names]
 
 
 def find_resumable(cfg, inputs, rank, world, log=print):
-    """-> the intact checkpoints of cfg.out, newest first, after checking that their run had the same
-    settings and inputs; [] when there is none yet (a requeued job stopped before its first checkpoint
-    starts fresh). Each damaged one is named in one line and skipped."""
+    """-> the intact checkpoints of cfg.out, newest first, after checking that their run had the
+    same settings and inputs; [] when there is none yet (a requeued job stopped before its first
+    checkpoint starts fresh). Each damaged one is named in one line and skipped."""
     intact, damaged = [], 0
     for path in reversed(step_dirs(cfg.out)):
         problem = damage(path, rank, world)
         if problem:
             damaged += 1
-            log(f"warning: --resume: {path} is damaged ({problem}); it is skipped, and deleted once "
-                "the run resumes")
+            log(f"warning: --resume: {path} is damaged ({problem}); it is skipped, and deleted "
+                "once the run resumes")
         else:
             intact.append(path)
     if not intact:
@@ -204,9 +208,10 @@ def find_resumable(cfg, inputs, rank, world, log=print):
     path = intact[0]
     meta = read_json(os.path.join(path, "meta.json"))
     flags = lambda config: {f"--{k.replace('_', '-')}": v for k, v in config.items()}
-    saved = dataclasses.asdict(type(cfg)()) | meta["config"]      # a flag its version lacked: its default
+    saved = dataclasses.asdict(type(cfg)()) | meta["config"]   # a flag its version lacked: default
     # inputs are compared by their contents; what an older version did not record, by its path
-    legacy = {f: {"path": os.path.abspath(p) if os.path.exists(p) else p, "sha256": None} if p else None
+    legacy = {f: {"path": os.path.abspath(p) if os.path.exists(p) else p, "sha256": None}
+              if p else None
               for f, p in (("--train", saved["train"]), ("--dev", saved["dev"]),
                            ("--model", saved["model"]), ("--tokenizer", saved["tokenizer"]))}
     recorded = legacy | (meta.get("inputs") or {})
@@ -214,8 +219,8 @@ def find_resumable(cfg, inputs, rank, world, log=print):
     check_settings(flags(saved) | recorded, flags(dataclasses.asdict(cfg)) | inputs,
                    f"--resume: {path}", free={f"--{k.replace('_', '-')}" for k in free})
     if 0 < cfg.max_steps < meta["step"]:
-        raise UserError(f"--max-steps {cfg.max_steps}: {path} is already past it; resume with a larger "
-                        "one")
+        raise UserError(f"--max-steps {cfg.max_steps}: {path} is already past it; resume with a "
+                        "larger one")
     return intact
 
 
@@ -245,7 +250,7 @@ def damage(path, rank=0, world=1):
 
 
 def legacy_damage(path, meta):
-    """A checkpoint of an earlier version, without hashes: its shard files at their recorded sizes."""
+    """An earlier version's checkpoint, without hashes: its shard files at their recorded sizes."""
     try:
         storage = SafeReader(path).read_metadata().storage_data
     except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
@@ -268,8 +273,8 @@ def load(candidates, model, optimizer, rank, log=print):
         state = training_state(model, optimizer)
         try:
             dcp.load(state, checkpoint_id=path, storage_reader=SafeReader(path))
-            rng = os.path.join(path, f"rng_rank{rank}.pt")
-            rng = torch.load(rng, weights_only=True) if os.path.exists(rng) else None   # a new rank: fresh
+            rng = os.path.join(path, f"rng_rank{rank}.pt")     # none for a new rank: fresh
+            rng = torch.load(rng, weights_only=True) if os.path.exists(rng) else None
             problem = None
         except (CheckpointException, RuntimeError, pickle.UnpicklingError, EOFError) as e:
             problem = f"unreadable: {' '.join(str(e).split())[:200]}"
@@ -287,8 +292,8 @@ def load(candidates, model, optimizer, rank, log=print):
             torch.set_rng_state(rng)
         return read_json(os.path.join(path, "meta.json"))["step"]
     if candidates:
-        raise UserError(f"--resume: no checkpoint of {os.path.dirname(candidates[0])} could be loaded "
-                        "(each is named above)")
+        raise UserError(f"--resume: no checkpoint of {os.path.dirname(candidates[0])} could be "
+                        "loaded (each is named above)")
     return 0
 
 
@@ -309,36 +314,39 @@ class SafeReader(dcp.FileSystemReader):
 
 class IndexUnpickler(pickle.Unpickler):
     ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
-               ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+               ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+               ("collections", "OrderedDict")}
 
     def find_class(self, module, name):
-        value = super().find_class(module, name) if module in ("torch", "pathlib", "collections") or \
-            module.startswith("torch.distributed.checkpoint") or module == "torch.serialization" else None
+        value = super().find_class(module, name) if module in ("torch", "pathlib", "collections") \
+            or module.startswith("torch.distributed.checkpoint") \
+            or module == "torch.serialization" else None
         if (module, name) in self.ALLOWED or isinstance(value, torch.dtype) or (
                 module == "torch.distributed.checkpoint.metadata" and isinstance(value, type)):
             return value
-        raise pickle.UnpicklingError(f"the checkpoint index asks for {module}.{name}, which DCP's index "
-                                     "never holds: refused")
+        raise pickle.UnpicklingError(f"the checkpoint index asks for {module}.{name}, which DCP's "
+                                     "index never holds: refused")
 
 
 def clean(cfg, start, rank):
-    """Rank 0, once the resumed checkpoint is loaded: remove the temporary folders a kill left, and the
-    checkpoints newer than step `start` (damaged: the resumed run writes them again); keep log.jsonl to
-    the steps that will not rerun."""
+    """Rank 0, once the resumed checkpoint is loaded: remove the temporary folders a kill left, and
+    the checkpoints newer than step `start` (damaged: the resumed run writes them again); keep
+    log.jsonl to the steps that will not rerun."""
     if rank == 0:
         final = os.path.join(cfg.out, "final")
-        if os.path.isdir(final + ".old") and not os.path.exists(final):   # a kill mid-swap (export_hf)
+        if os.path.isdir(final + ".old") and not os.path.exists(final):  # export_hf killed mid-swap
             os.replace(final + ".old", final)
         for path in glob.glob(os.path.join(glob.escape(cfg.out), "checkpoints", "*.tmp")) + \
                 glob.glob(glob.escape(final) + "*.tmp") + glob.glob(glob.escape(final) + ".old"):
-            os.remove(path) if os.path.islink(path) or not os.path.isdir(path) else shutil.rmtree(path)
+            os.remove(path) if os.path.islink(path) or not os.path.isdir(path) \
+                else shutil.rmtree(path)
         for path in step_dirs(cfg.out):
             if int(os.path.basename(path).split("_")[1]) > start:     # step_N names say N
                 shutil.rmtree(path)
         log = os.path.join(cfg.out, "log.jsonl")
-        if os.path.exists(log):        # a resumed run logs the steps after `start` again: drop the old
-            with open(log, "rb") as f:  # lines, and a line a kill left unfinished
+        if os.path.exists(log):        # a resumed run logs the steps after `start` again: drop
+            with open(log, "rb") as f:  # the old lines, and a line a kill left unfinished
                 lines = f.read().decode("utf-8", errors="replace").split("\n")[:-1]
             with atomic_file(log) as f:
                 f.write("".join(line + "\n" for line in lines
@@ -359,7 +367,7 @@ def logged_step(line):
 # ---- the Hugging Face export ---------------------------------------------------------------------
 
 def export_dtype(cfg, source):
-    """--export-dtype auto: the dtype the source checkpoint was stored in, float32 if it says none."""
+    """--export-dtype auto: the dtype the source checkpoint was stored in, else float32."""
     if cfg.export_dtype != "auto":
         return getattr(torch, cfg.export_dtype)
     stored = getattr(source, "dtype", None) or torch.float32
@@ -367,16 +375,16 @@ def export_dtype(cfg, source):
 
 
 def export_hf(cfg, model, tokenizer, rank):
-    """One consolidated checkpoint with the tokenizer in OUT/final, gathered one tensor at a time (rank
-    0 holds the whole model in CPU memory once), written under a fresh temporary name, flushed to disk
-    and renamed when complete. Weights that are not finite are refused, on every rank."""
+    """One consolidated checkpoint with the tokenizer in OUT/final, gathered one tensor at a time
+    (rank 0 holds the whole model in CPU memory once), written under a fresh temporary name, flushed
+    to disk and renamed when complete. Weights that are not finite are refused, on every rank."""
     if not finite({"model": model.state_dict()}):
         raise UserError("training diverged: the final weights are not finite, so OUT/final was not "
                         "written; the checkpoints are kept: lower --lr and resume from one")
     source = AutoConfig.from_pretrained(cfg.model, trust_remote_code=False)   # as --model ships it
     dtype, full = export_dtype(cfg, source), {}
     for name, tensor in model.state_dict().items():
-        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor   # all ranks take part
+        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # all ranks join
         if rank == 0:
             full[name] = tensor.to("cpu", dtype)
     if rank == 0:
@@ -384,7 +392,7 @@ def export_hf(cfg, model, tokenizer, rank):
         with torch.device("meta"):
             plain = AutoModelForCausalLM.from_config(source, dtype=dtype)
         plain.load_state_dict(full, assign=True)
-        plain.tie_weights()                                  # assign=True replaced tied tensors one by one
+        plain.tie_weights()                          # assign=True replaced tied tensors one by one
         try:
             temporary = tempfile.mkdtemp(dir=cfg.out, prefix="final.", suffix=".tmp")
             plain.save_pretrained(temporary)
@@ -396,7 +404,7 @@ def export_hf(cfg, model, tokenizer, rank):
         except OSError as e:
             raise UserError(f"cannot write {final} ({e.strerror}): the checkpoints are kept; rerun "
                             "with --resume once there is room, to export again") from None
-        if os.path.exists(final):                            # swapped, so that some final/ always exists
+        if os.path.exists(final):                    # swapped, so that some final/ always exists
             os.replace(final, final + ".old")
         os.replace(temporary, final)
         fsync_folder(cfg.out)

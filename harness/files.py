@@ -1,7 +1,7 @@
 """Files written whole or not at all, and the resumable part files of rescore.py and evaluate.py.
 
-    OUT.part<rank>   finished records, appended and flushed one batch at a time by each rank; a rerun
-                     skips them, and rank 0 merges everything in input order
+    OUT.part<rank>   finished records, appended and flushed one batch at a time by each rank; a
+                     rerun skips them, and rank 0 merges everything in input order
 
 A write the filesystem refuses is one line that says what was kept.
 """
@@ -24,19 +24,20 @@ def write_text(path, text):
         with atomic_file(path) as f:
             f.write(text.encode("utf-8"))
     except OSError as e:
-        raise UserError(f"{path}: cannot write it ({e.strerror}); rerun once there is room") from None
+        raise UserError(f"{path}: cannot write it ({e.strerror}); rerun once there is "
+                        "room") from None
 
 
 def read_json(path, shape=dict):
-    """A JSON document we wrote, which must be of `shape` (a dict, say): anything else is one line."""
+    """A JSON document we wrote, of `shape` (a dict, say): anything else is one line."""
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); delete it to start over") from None
     if not isinstance(obj, shape):
-        raise UserError(f"{path}: not what this file holds (a JSON {shape.__name__}); delete it to start "
-                        "over")
+        raise UserError(f"{path}: not what this file holds (a JSON {shape.__name__}); delete it to "
+                        "start over")
     return obj
 
 
@@ -60,8 +61,8 @@ class WrongRecord(TypeError):
 
 def read_parts(paths, keep=lambda record: True):
     """{id: record} over the part files of every rank of every earlier run (whatever its number of
-    ranks): the first record of each id that `keep` accepts. A broken line before the last is an error
-    naming file:line."""
+    ranks): the first record of each id that `keep` accepts. A broken line before the last is an
+    error naming file:line."""
     records = {}
     for path in paths:
         text = finished_bytes(path).decode("utf-8", errors="replace")
@@ -83,8 +84,8 @@ def read_parts(paths, keep=lambda record: True):
 
 @contextlib.contextmanager
 def appending(path, kept):
-    """-> write(lines): append finished records to this rank's part file, flushed, so a kill loses at
-    most the batch in hand. An unfinished last line is cut first. A failed write is one line."""
+    """-> write(lines): append finished records to this rank's part file, flushed, so a kill loses
+    at most the batch in hand. An unfinished last line is cut first. A failed write is one line."""
     try:
         with open_append(path) as f:                  # not a symlink: we may cut it
             os.ftruncate(f.fileno(), len(finished_bytes(path)))

@@ -111,7 +111,7 @@ def same_input(old, new):
 
 def check_settings(saved, now, where, free=()):
     """Refuse, in one line naming the flag, to continue work made with other settings or from other
-    inputs. Settings are {flag: value}; an input's value is its fingerprint, compared by contents."""
+    inputs. Settings are {flag: value}, an input's value its fingerprint, compared by contents."""
     for flag in sorted(set(now) - set(free)):
         old, new = saved.get(flag), now[flag]
         if isinstance(new, dict) and same_input(old, new):
@@ -124,8 +124,8 @@ def check_settings(saved, now, where, free=()):
                                     f"{old.get('revision') or 'unknown'} as when {where} was made "
                                     "from it; pass a folder of that revision, or start over with "
                                     "a new --out")
-                raise UserError(f"{flag} {new['path']}: its contents changed since {where} was made "
-                                "from it; restore them, or start over with a new --out")
+                raise UserError(f"{flag} {new['path']}: its contents changed since {where} was "
+                                "made from it; restore them, or start over with a new --out")
             shown = [v["path"] if isinstance(v, dict) else v for v in (old, new)]
-            raise UserError(f"{where} was made with {flag} {shown[0]}, not {shown[1]}; rerun with the "
-                            "same settings, or start over with a new --out")
+            raise UserError(f"{where} was made with {flag} {shown[0]}, not {shown[1]}; rerun with "
+                            "the same settings, or start over with a new --out")

@@ -1,11 +1,11 @@
 """Flags from a dataclass, range checks, and a user's mistake as one line.
 
 Each entry script describes its flags as one @dataclass whose fields carry their help text and valid
-range (`opt`), parses them with `parse`, and runs its main() through `run`. A mistake found anywhere,
-in a flag, a path, a line of data or a resume, is raised as `data.UserError` (data.py is the lowest
-module that raises it) with a message that names what to change: `run` prints it as one line on
-stderr and exits with status 2, from rank 0 only under torchrun. Any other exception is a bug in our
-code and keeps its traceback.
+range (`opt`), parses them with `parse`, and runs its main() through `run`. A mistake found
+anywhere, in a flag, a path, a line of data or a resume, is raised as `data.UserError` (data.py is
+the lowest module that raises it) with a message that names what to change: `run` prints it as one
+line on stderr and exits with status 2, from rank 0 only under torchrun. Any other exception is a
+bug in our code and keeps its traceback.
 """
 
 import argparse
@@ -71,9 +71,9 @@ def run(main, argv=None):
     except UserError as error:
         rank = int(os.environ.get("RANK", "0"))
         if rank != 0:
-            # Rank 0 found the same mistake and prints it; once it exits, torchrun stops this process
-            # (SIGTERM), which we answer with the same status. Still running after a while: rank 0
-            # did not see it, so say it.
+            # Rank 0 found the same mistake and prints it; once it exits, torchrun stops this
+            # process (SIGTERM), which we answer with the same status. Still running after a
+            # while: rank 0 did not see it, so say it.
             signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
             time.sleep(30)
             print(f"error (rank {rank}): {error}", file=sys.stderr, flush=True)

@@ -2,8 +2,8 @@
 
     OUT/.lock (train.py, evaluate.py), OUT.lock (rescore.py)
 
-A second run on the same output is refused in one line before it reads or writes anything; the kernel
-releases a flock when its process dies, so a killed run leaves no stale lock.
+A second run on the same output is refused in one line before it reads or writes anything; the
+kernel releases a flock when its process dies, so a killed run leaves no stale lock.
 """
 
 import contextlib
@@ -18,9 +18,9 @@ from data import UserError
 
 @contextlib.contextmanager
 def ranks():
-    """(rank, world) of this process; under torchrun with a gloo group for the barriers of rescore.py
-    and evaluate.py (CPU collectives serve GPUs too), whose timeout lets a rank wait hours for the
-    slowest."""
+    """(rank, world) of this process; under torchrun with a gloo group for the barriers of
+    rescore.py and evaluate.py (CPU collectives serve GPUs too), whose timeout lets a rank wait
+    hours for the slowest."""
     own = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
     if own:
         dist.init_process_group("gloo", timeout=timedelta(hours=48))
@@ -38,7 +38,7 @@ def barrier():
 
 @contextlib.contextmanager
 def lock(path, flag, out):
-    """Hold the lock file `path` for the whole run, on rank 0, telling every rank whether it could."""
+    """Hold the lock file `path` for the whole run, on rank 0, telling every rank if it could."""
     fd, error = None, None
     if not dist.is_initialized() or dist.get_rank() == 0:
         while fd is None:
@@ -53,8 +53,8 @@ def lock(path, flag, out):
                 error = f"{flag} {out}: cannot create the lock file {path} ({e.strerror})"
                 break
             if not os.path.exists(path) or os.stat(path).st_ino != os.fstat(fd).st_ino:
-                os.close(fd)          # the run before us removed it after we opened it: take the new one
-                fd = None
+                os.close(fd)          # the run before us removed it after we opened it: take
+                fd = None             # the new one
     if dist.is_initialized():
         verdict = [error]
         dist.broadcast_object_list(verdict, src=0)

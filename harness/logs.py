@@ -1,11 +1,11 @@
 """What a training run reports: metrics per step, log.jsonl, TensorBoard, Weights & Biases.
 
-train.py sums each micro-batch's metrics on the device, the step's vote all-reduces them (stopping.py),
-and rank 0 writes every --log-every steps one record: a line under the progress bar and a JSON line in
-OUT/log.jsonl, which needs nothing installed and is what --resume keeps in step with the checkpoints.
---tensorboard writes the same scalars to OUT/tensorboard (train/<name>, dev/<name>), --wandb PROJECT
-to Weights & Biases (offline too, with WANDB_MODE=offline); each library is imported only when its
-flag is given. The signals CLHA's method moves:
+train.py sums each micro-batch's metrics on the device, the step's vote all-reduces them
+(stopping.py), and rank 0 writes every --log-every steps one record: a line under the progress bar
+and a JSON line in OUT/log.jsonl, which needs nothing installed and is what --resume keeps in step
+with the checkpoints. --tensorboard writes the same scalars to OUT/tensorboard (train/<name>,
+dev/<name>), --wandb PROJECT to Weights & Biases (offline too, with WANDB_MODE=offline); each
+library is imported only when its flag is given. The signals CLHA's method moves:
     loss_rank   Eq. 5, the contrastive term          loss_sft    Eq. 7's L_sft (before alpha)
     pairs_kept  share of pairs with |r_i - r_j| > reward_gap (Eq. 5's 1 - k)
     sft_on      share of prompts whose SFT target has reward > 0 (Eq. 7's 1 - lambda)
@@ -32,21 +32,22 @@ NAMES = ("loss", "loss_rank", "loss_sft", "pairs_kept", "sft_on", "acc", "acc_ke
 
 def metric_row(metrics, prompts):
     """A micro-batch's metrics (clha_loss.clha_objective's) as one device tensor, weighted by its
-    prompts: summed over micro-batches and ranks, it gives means over prompts. acc_kept is a mean over
-    kept pairs, so it is weighted by the kept share too."""
+    prompts: summed over micro-batches and ranks, it gives means over prompts. acc_kept is a mean
+    over kept pairs, so it is weighted by the kept share too."""
     values = [metrics[k] * metrics["pairs_kept"] if k == "acc_kept" else metrics[k] for k in NAMES]
     return torch.cat([torch.stack(values), metrics["logp_rank"]]).float() * prompts
 
 
 class Meter:
-    """The steps since the last record: each step's sums over every rank (stopping.vote), on the host."""
+    """The steps since the last record: each step's sums over every rank (stopping.vote), held on
+    the host."""
 
     def __init__(self):
         self.sums, self.steps, self.skipped, self.seconds = None, 0, 0, 0.0
 
     def add(self, sums, seconds, applied=True):
-        """A step's sums (metric_row's, then tokens, prompts); a step that was not applied is counted
-        as skipped and left out of the means."""
+        """A step's sums (metric_row's, then tokens, prompts); a step that was not applied is
+        counted as skipped and left out of the means."""
         if not applied:
             self.skipped += 1
             return
@@ -80,11 +81,11 @@ def peak_memory(device):
 
 
 def train_record(step, epoch, meter, lr, grad_norm, device):
-    """One log record of the steps since the last; every rank calls it (the memory is a collective)."""
+    """One log record of the steps since the last; all ranks call it (memory is a collective)."""
     record = {"step": step, "epoch": epoch, **meter.result(), "lr": lr, "grad_norm": grad_norm}
     memory = peak_memory(device)
     peak = torch.tensor(list(memory.values()), device=device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)                        # the rank that needs the most
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)                       # the rank that needs the most
     return record | {k: round(v, 2) for k, v in zip(memory, peak.tolist())}
 
 
@@ -99,10 +100,10 @@ def check_loggers(cfg):
 
 
 class RunLog:
-    """Rank 0's record of a run: the progress bar, OUT/log.jsonl, and TensorBoard and W&B if asked."""
+    """Rank 0's record of a run: the progress bar, OUT/log.jsonl, TensorBoard and W&B if asked."""
 
     def __init__(self, cfg, rank, resuming):
-        """Before the weights load: a W&B run that cannot start (no API key, no network) fails now."""
+        """Before the weights load: a W&B run that cannot start (no login, no network) fails now."""
         self.on, self.cfg = rank == 0, cfg
         self.bar = self.file = self.tensorboard = self.wandb = None
         if self.on and cfg.wandb:
@@ -114,7 +115,8 @@ class RunLog:
         if self.on:
             self.file = open_append(os.path.join(self.cfg.out, "log.jsonl"))
         if self.on and self.cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # purge_step: a resume redoes what follows
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step: a resume redoes what follows
             self.tensorboard = SummaryWriter(os.path.join(self.cfg.out, "tensorboard"),
                                              purge_step=start + 1)
 
@@ -144,7 +146,7 @@ class RunLog:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):             # also on an error: the bar ends its line before the error's
+    def __exit__(self, *exc):           # also on an error: the bar ends its line before the error's
         self.bar and self.bar.close()
         self.file and self.file.close()
         self.tensorboard and self.tensorboard.close()
@@ -155,11 +157,12 @@ def start_wandb(cfg, resuming):
     """A W&B run in OUT/wandb; a resumed run continues the same one (its id is in OUT/wandb_id)."""
     import wandb
     id_file = os.path.join(cfg.out, "wandb_id")
-    run_id = open(id_file).read().strip() if resuming and os.path.exists(id_file) else uuid.uuid4().hex[:8]
+    run_id = open(id_file).read().strip() if resuming and os.path.exists(id_file) \
+        else uuid.uuid4().hex[:8]
     write_text(id_file, run_id)
     try:
         return wandb.init(project=cfg.wandb, dir=cfg.out, id=run_id, resume="allow",
                           config=dataclasses.asdict(cfg))
     except wandb.errors.Error as e:
-        raise UserError(f"--wandb {cfg.wandb}: cannot start a run ({' '.join(str(e).split())}): run "
-                        "`wandb login`, or set WANDB_MODE=offline") from None
+        raise UserError(f"--wandb {cfg.wandb}: cannot start a run ({' '.join(str(e).split())}): "
+                        "run `wandb login`, or set WANDB_MODE=offline") from None

@@ -18,7 +18,8 @@ def checkpoint_dir(path, flag, tokenizer=False):
     if looks_local(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path}: no such folder (a checkpoint folder, or a hub id such as "
                         "owner/name)")
-    if not tokenizer and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+    if not tokenizer and os.path.isdir(path) \
+            and not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"{flag} {path}: no config.json in this folder, so no checkpoint")
     if tokenizer and os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f))
                                                      for f in TOKENIZER_FILES):
@@ -27,12 +28,13 @@ def checkpoint_dir(path, flag, tokenizer=False):
 
 
 def from_pretrained(loader, path, flag, **kwargs):
-    """loader.from_pretrained(path), with a checkpoint whose files are missing, unreadable or cut short
-    (a partial download), or a config.json transformers cannot read, as one line naming the flag.
-    Other errors are not the user's to fix, and keep their traceback."""
+    """loader.from_pretrained(path), with a checkpoint whose files are missing, unreadable or cut
+    short (a partial download), or a config.json transformers cannot read, as one line naming the
+    flag. Other errors are not the user's to fix, and keep their traceback."""
     checkpoint_dir(path, flag, tokenizer=loader.__name__.endswith("Tokenizer"))
     from safetensors import SafetensorError
-    user_errors = (OSError, SafetensorError) + ((ValueError,) if loader.__name__ == "AutoConfig" else ())
+    user_errors = (OSError, SafetensorError) \
+        + ((ValueError,) if loader.__name__ == "AutoConfig" else ())
     try:             # nothing in a model folder runs code: never its own modelling files
         return loader.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
     except user_errors as e:

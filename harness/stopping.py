@@ -1,7 +1,7 @@
 """When a run stops: the step's vote, which every rank takes together, once per optimizer step.
 
-    SIGTERM, SIGINT   (a preemption, Ctrl-C) the step in flight finishes, every rank saves it, and the
-                      run exits with 128 + the signal's number; a second Ctrl-C stops at once
+    SIGTERM, SIGINT   (a preemption, Ctrl-C) the step in flight finishes, every rank saves it, and
+                      the run exits with 128 + the signal's number; a second Ctrl-C stops at once
     a non-finite step a loss or global gradient norm that is NaN or infinite is not applied (the
                       weights and AdamW's state stay as they were); it is counted as `skipped`
 
@@ -45,10 +45,10 @@ class Preemption:
 
 
 def vote(sums, counts, grad_norm=None, wants_to_stop=0):
-    """The step's one all-reduce and one host sync: this rank's metric sums (a tensor on the device),
-    its counts (plain numbers) and its wish to stop -> (the sums over every rank as floats, the global
-    gradient norm, the signal that stopped any rank (SIGTERM before SIGINT) or 0). Every rank gets the
-    same answer."""
+    """The step's one all-reduce and one host sync: this rank's metric sums (a tensor on the
+    device), its counts (plain numbers) and its wish to stop -> (the sums over every rank as floats,
+    the global gradient norm, the signal that stopped any rank (SIGTERM before SIGINT) or 0). Every
+    rank gets the same answer."""
     votes = [float(wants_to_stop == s) for s in STOP_SIGNALS]
     extra = torch.tensor([*map(float, counts), *votes]).to(sums.device, non_blocking=True)
     reduced = torch.cat([sums.float(), extra])
@@ -69,10 +69,10 @@ def stopped(rank, signum, what):
 
 
 def diverged(out, step, skipped):
-    """The exit of a run whose last --max-skipped steps were all non-finite: one line, nothing saved."""
+    """The exit of a run whose last --max-skipped steps were non-finite: one line, nothing saved."""
     from harness.checkpoints import step_dirs
     saved = step_dirs(out)
     kept = f"the checkpoints are kept (newest: {os.path.basename(saved[-1])}), " if saved else ""
-    return UserError(f"training diverged: steps {step - skipped + 1}-{step} had a non-finite loss or "
-                     f"gradient norm, and none was applied; {kept}nothing more is saved: --resume "
-                     "retries, or start again with a lower --lr")
+    return UserError(f"training diverged: steps {step - skipped + 1}-{step} had a non-finite loss "
+                     f"or gradient norm, and none was applied; {kept}nothing more is saved: "
+                     "--resume retries, or start again with a lower --lr")
