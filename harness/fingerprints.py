@@ -122,8 +122,8 @@ def check_settings(saved, now, where, free=()):
                     raise UserError(f"{flag} {new['path']}: the hub revision is "
                                     f"{new.get('revision') or 'not in the local cache'}, not "
                                     f"{old.get('revision') or 'unknown'} as when {where} was made "
-                                    "from it; pass a folder of that revision, or start over with "
-                                    "a new --out")
+                                    "from it; put that revision back in the cache (huggingface-"
+                                    "cli download --revision), or start over with a new --out")
                 raise UserError(f"{flag} {new['path']}: its contents changed since {where} was "
                                 "made from it; restore them, or start over with a new --out")
             shown = [v["path"] if isinstance(v, dict) else v for v in (old, new)]
