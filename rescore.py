@@ -1,24 +1,20 @@
-"""Reward rescoring (Sec. 2.1): score every candidate with a reward model, re-rank best first; and Eq. 1.
+"""Reward rescoring (Sec. 2.1): score every candidate with a reward model, re-rank best first;
+and Eq. 1.
 
     python rescore.py --reward-model OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5 \\
-        --data data/hh2/train.jsonl --out data/hh2/train.rescored.jsonl     # --keep-human-order: "w/o Rescore"
-    torchrun --nproc_per_node 8 rescore.py ...                                 # the same, each rank scores 1/8
-    python rescore.py --train-reward-model --base BASE_CHECKPOINT --data TRAIN.jsonl [--dev DEV.jsonl] --out rm/
+        --data data/hh2/train.jsonl --out data/hh2/train.rescored.jsonl
+    torchrun --nproc_per_node 8 rescore.py ...         # the same, each rank scores 1/8
+    python rescore.py --train-reward-model --base CKPT --data TRAIN.jsonl [--dev DEV.jsonl] --out RM
 
-Scoring prints its config, a progress bar, then Fig. 1's noise statistics: the share of pairs where the reward
-model disagrees with the human order, of pairs within --reward-gap (Eq. 5's k = 1: the loss ignores them), of
-prompts whose SFT target has reward <= 0 (Eq. 7's SFT term is off), and the reward quartiles. Training (Eq. 1)
-prints the loss every 50 steps and the held-out pairwise accuracy.
-
-The paper's reward models are OpenAssistant's GPT-NeoX models (model type `gpt_neox_reward_model`), which stock
-transformers cannot load; importing this module registers them. Each reward model sees its input as it was
-trained: OpenAssistant's role tokens for those, the tokenizer's chat template for others that have one, else
-prompt + " " + response + EOS after the tokenizer's own special tokens (what --train-reward-model trains on).
-Scoring holds OUT.lock for the whole run (a second run on the same --out is refused), checks every prompt
-against the reward model's input format before its weights load, and is resumable: finished samples are appended
-to OUT.part<rank>, beside OUT.settings.json (the reward model, the input's SHA-256, dtype, max length); a rerun
-with the same settings skips them, one with others is refused (checkpoint.py). --dtype float32 (the default) is
-what the authors ran; bfloat16 is faster on GPUs but moves rewards by ~1e-2.
+Scoring prints its config, a progress bar, then Fig. 1's noise statistics: the share of pairs where
+the reward model disagrees with the human order, of pairs within --reward-gap (Eq. 5's k = 1: the
+loss ignores them), of prompts whose SFT target has reward <= 0 (Eq. 7's SFT term is off), and the
+reward quartiles; --keep-human-order keeps the human order ("w/o Rescore"). Training (Eq. 1) prints
+the loss every 50 steps and the held-out pairwise accuracy. Scoring holds OUT.lock (a second run
+on the same --out is refused), checks every prompt against the reward model's input format before
+its weights load, and resumes: finished samples are appended to OUT.part<rank>, beside
+OUT.settings.json (the reward model, the input's SHA-256, dtype, max length); a rerun with the same
+settings skips them, one with others is refused (checkpoint.py).
 """
 
 import glob
@@ -31,11 +27,9 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, GPTNeoXConfig,
-                          GPTNeoXModel, GPTNeoXPreTrainedModel)
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
+                          GPTNeoXConfig, GPTNeoXModel, GPTNeoXPreTrainedModel)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import data
@@ -44,173 +38,200 @@ from harness.flags import opt
 from harness.models import checkpoint_dir, from_pretrained
 from data import UserError
 
-# ---- the OpenAssistant reward models -------------------------------------------------------------------------
+# ---- the OpenAssistant reward models -------------------------------------------------------------
+# The paper's: GPT-NeoX models of type gpt_neox_reward_model, which stock transformers cannot load;
+# importing this module registers them.
 
 class GPTNeoXRewardConfig(GPTNeoXConfig):
     model_type = "gpt_neox_reward_model"
-    pooling: str = "last"                    # the hidden state of the last attended token goes to the head
+    pooling: str = "last"          # the hidden state of the last attended token goes to the head
 
 
 class GPTNeoXRewardModel(GPTNeoXPreTrainedModel):
-    """GPT-NeoX and a linear head on one pooled hidden state, with the weight names of OpenAssistant's checkpoints."""
+    """GPT-NeoX and a linear head on one pooled hidden state, weights named as OpenAssistant's."""
     config_class = GPTNeoXRewardConfig
 
     def __init__(self, config):
         super().__init__(config)
-        if config.pooling != "last":   # OpenAssistant also trained "mean"; the paper's two models use "last"
+        if config.pooling != "last":   # OpenAssistant also trained "mean"; the paper's two: "last"
             raise ValueError(f"pooling {config.pooling!r} is not supported: only 'last'")
         self.gpt_neox = GPTNeoXModel(config)
-        self.out_proj = nn.Linear(config.hidden_size, 1)
+        self.out_proj = torch.nn.Linear(config.hidden_size, 1)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        hidden = self.gpt_neox(input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # [N, T, H]
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)             # [N, T]
-        last = mask.long().cumsum(1).argmax(1)     # [N] where the count of attended tokens first peaks: the last one
-        pooled = hidden[torch.arange(len(hidden), device=hidden.device), last]                       # [N, H]
-        return SequenceClassifierOutput(logits=self.out_proj(pooled))                                # [N, 1]
+        out = self.gpt_neox(input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = out.last_hidden_state                                                   # [N, T, H]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask     # [N, T]
+        last = mask.long().cumsum(1).argmax(1)  # [N] where the attended count first peaks: the last
+        pooled = hidden[torch.arange(len(hidden), device=hidden.device), last]              # [N, H]
+        return SequenceClassifierOutput(logits=self.out_proj(pooled))                       # [N, 1]
 
 
-# exist_ok: `python rescore.py` runs this file as __main__, and a module it imports may import `rescore` again
+# exist_ok: `python rescore.py` runs as __main__, and a module it imports may import `rescore` again
 AutoConfig.register("gpt_neox_reward_model", GPTNeoXRewardConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(GPTNeoXRewardConfig, GPTNeoXRewardModel, exist_ok=True)
 
-# ---- input formats -------------------------------------------------------------------------------------------
+# ---- input formats -------------------------------------------------------------------------------
 
 def dialogue_turns(prompt):
-    """'\\n\\nHuman: Q1\\n\\nAssistant: A1 ... \\n\\nAssistant:' -> [("Human", "Q1"), ("Assistant", "A1"), ...]."""
-    parts = re.split(r"\n\n(Human|Assistant):", prompt)            # ['', 'Human', ' Q1', 'Assistant', ' A1', ...]
+    """'\\n\\nHuman: Q1\\n\\nAssistant: A1 ... \\n\\nAssistant:' -> [("Human", "Q1"), ...]."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)  # ['', 'Human', ' Q1', 'Assistant', ...]
     if parts[0].strip() or len(parts) < 5 or parts[-2] != "Assistant" or parts[-1].strip():
-        raise UserError(f"not an HH-RLHF prompt ('\\n\\nHuman: ... \\n\\nAssistant:'): {prompt[:80]!r}")
+        raise UserError("not an HH-RLHF prompt ('\\n\\nHuman: ... \\n\\nAssistant:'): "
+                        f"{prompt[:80]!r}")
     return [(role, text.strip()) for role, text in zip(parts[1:-2:2], parts[2:-2:2])]
 
 
 def format_for(config, tokenizer):
-    """The text a reward model was trained on, as a function (prompt, response) -> str; chosen from its config."""
+    """The text a reward model was trained on, as a function (prompt, response) -> str: the role
+    tokens of OpenAssistant's models, else the tokenizer's chat template if it has one, else prompt
+    + " " + response + EOS after the tokenizer's own special tokens (what --train-reward-model
+    trains on)."""
     eos = tokenizer.eos_token or ""
     turns = lambda prompt, response: dialogue_turns(prompt) + [("Assistant", response.strip())]
-    if config.model_type == "gpt_neox_reward_model":    # OpenAssistant: each turn is role token + text + EOS
+    if config.model_type == "gpt_neox_reward_model":    # OpenAssistant: role token + text + EOS
         roles = {"Human": "<|prompter|>", "Assistant": "<|assistant|>"}
-        return lambda prompt, response: "".join(roles[r] + text + eos for r, text in turns(prompt, response))
+        return lambda prompt, response: "".join(roles[r] + text + eos
+                                                for r, text in turns(prompt, response))
     if tokenizer.chat_template:
         roles = {"Human": "user", "Assistant": "assistant"}
         return lambda prompt, response: tokenizer.apply_chat_template(
-            [{"role": roles[r], "content": text} for r, text in turns(prompt, response)], tokenize=False)
-    bos = tokenizer.decode(data.special_prefix(tokenizer))     # what the tokenizer itself puts first, if anything
+            [{"role": roles[r], "content": text} for r, text in turns(prompt, response)],
+            tokenize=False)
+    bos = tokenizer.decode(data.special_prefix(tokenizer))   # what the tokenizer puts first, if any
     return lambda prompt, response: bos + prompt + " " + response.strip() + eos
 
 
 def encode(tokenizer, texts, max_length):
-    """Token ids of each text, cut from the LEFT to `max_length`: the response, which is what is scored, survives.
-    The format string holds any special tokens already, so the tokenizer adds none. Texts are cut to a safe
-    number of characters first, so that a 30 MB line costs no more than a long one."""
+    """Token ids of each text (which holds its special tokens), cut from the LEFT to `max_length`
+    so that the response survives; texts are cut to a safe number of characters first, so that a
+    30 MB line costs no more than a long one."""
     chars = 2 * max_length * data.max_token_chars(tokenizer)
-    return [ids[-max_length:] for ids in tokenizer([t[-chars:] for t in texts], add_special_tokens=False)["input_ids"]]
+    ids = tokenizer([t[-chars:] for t in texts], add_special_tokens=False)["input_ids"]
+    return [x[-max_length:] for x in ids]
 
-# ---- scoring -------------------------------------------------------------------------------------------------
+# ---- scoring -------------------------------------------------------------------------------------
 
 def reward_format(path, flag="--reward-model", **config_kwargs):
-    """-> (config, tokenizer, format_fn): all of a reward model but its weights, so that every prompt can be
-    checked against its input format before they load. The tokenizer pads on the right (see `reward_forward`)."""
+    """-> (config, tokenizer, format_fn): all of a reward model but its weights, to check every
+    prompt against its input format before they load. The tokenizer pads on the right."""
     config = from_pretrained(AutoConfig, path, flag, **config_kwargs)
     tokenizer = from_pretrained(AutoTokenizer, path, flag)
-    oa = config.model_type == "gpt_neox_reward_model"        # one output, pooled by the attention mask
+    oa = config.model_type == "gpt_neox_reward_model"        # one output, pooled by the mask
     if not oa and config.num_labels != 1:
-        raise UserError(f"{flag} {path}: the model has {config.num_labels} outputs (num_labels); a reward model has "
-                        "one")
-    if tokenizer.pad_token is None:     # many causal LMs ship without one; with right padding EOS is safe
+        raise UserError(f"{flag} {path}: the model has {config.num_labels} outputs (num_labels); "
+                        "a reward model has one")
+    if tokenizer.pad_token is None:   # many causal LMs ship without one; right padding: EOS is safe
         if tokenizer.eos_token is None:
-            raise UserError(f"{flag} {path}: its tokenizer has neither a pad nor an EOS token to pad a batch with; "
-                            "set pad_token in its tokenizer_config.json")
+            raise UserError(f"{flag} {path}: its tokenizer has neither a pad nor an EOS token to "
+                            "pad a batch with; set pad_token in its tokenizer_config.json")
         tokenizer.pad_token = tokenizer.eos_token
-    # transformers' *ForSequenceClassification pool the rightmost token that is not config.pad_token_id
+    # transformers' *ForSequenceClassification pool the rightmost token that is not pad_token_id
     if not oa and config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
     elif not oa and config.pad_token_id != tokenizer.pad_token_id:
-        raise UserError(f"{flag} {path}: the model pools by pad_token_id {config.pad_token_id} but the tokenizer pads "
-                        f"with {tokenizer.pad_token_id}: fix pad_token_id in its config.json")
+        raise UserError(f"{flag} {path}: the model pools by pad_token_id {config.pad_token_id} "
+                        f"but the tokenizer pads with {tokenizer.pad_token_id}: fix pad_token_id "
+                        "in its config.json")
     return config, tokenizer, format_for(config, tokenizer)
 
 
 def load_model(loader, path, flag, device, dtype, **kwargs):
     """loader.from_pretrained(path) in `dtype` on `device`, in eval mode, running no code of the
-    folder. transformers puts weights on a device only through device_map, which needs accelerate:
-    with it, each weight goes from the file straight to the GPU; without it, each process first
-    builds the whole model in host memory (8 x 27 GB for LLaMA-7B in float32 on one node)."""
+    folder. Weights go straight to a GPU only through device_map, which needs accelerate; without
+    it, each process first builds the whole model in host memory (8 x 27 GB for LLaMA-7B, fp32)."""
     device = torch.device(device)
     placed = {"device_map": {"": device}} if device.type != "cpu" and importlib.util.find_spec(
         "accelerate") else {}
-    model = from_pretrained(loader, path, flag, dtype=getattr(torch, dtype),
-                            **placed, **kwargs)
+    model = from_pretrained(loader, path, flag, dtype=getattr(torch, dtype), **placed, **kwargs)
     return model.to(device).eval()
 
 
 def load_reward_model(path, device="cpu", dtype="float32", flag="--reward-model"):
-    """-> (model, tokenizer, format_fn) for any AutoModelForSequenceClassification with one output, in `dtype`
-    (OpenAssistant's configs say float16; the authors ran them in float32)."""
+    """-> (model, tokenizer, format_fn) for any AutoModelForSequenceClassification with one output,
+    in `dtype` (OpenAssistant's configs say float16; the authors ran them in float32)."""
     config, tokenizer, format_fn = reward_format(path, flag)
-    model = load_model(AutoModelForSequenceClassification, path, flag, device, dtype,
-                       config=config)
+    model = load_model(AutoModelForSequenceClassification, path, flag, device, dtype, config=config)
     return model, tokenizer, format_fn
 
 
 def reward_forward(model, ids, pad_id):
-    """One reward per token list, [N] float32. Rows are padded on the RIGHT, so every real token keeps the position
-    it had in training (models number positions from 0 whatever the mask), causal attention keeps the padding out,
-    and both poolings (last attended token; rightmost token that is not pad) land on the last real token."""
+    """One reward per token list, [N] float32. Padding on the RIGHT keeps each token's position of
+    training (positions count from 0 whatever the mask), causal attention keeps it out, and both
+    poolings (last attended token; rightmost token that is not pad) land on the last real token."""
     T = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)                                  # [N, T]
-    attention_mask = torch.zeros(len(ids), T, dtype=torch.long)                                      # [N, T]
+    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)                         # [N, T]
+    attention_mask = torch.zeros(len(ids), T, dtype=torch.long)                             # [N, T]
     for n, x in enumerate(ids):
         input_ids[n, :len(x)], attention_mask[n, :len(x)] = torch.tensor(x), 1
     device = next(model.parameters()).device
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # [N, 1]
-    return logits[:, 0].float()
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    return logits[:, 0].float()                                                     # logits: [N, 1]
 
 
 @torch.inference_mode()
-def score(model, tokenizer, format_fn, prompts, responses, batch_size=16, max_length=1024, progress=False):
-    """One scalar reward per (prompt, response). Each batch holds rows of similar length, so little is padding."""
+def score(model, tokenizer, format_fn, prompts, responses, batch_size=16, max_length=1024,
+          progress=False):
+    """One scalar reward per (prompt, response); batches of rows of similar length pad little."""
     ids = encode(tokenizer, [format_fn(p, r) for p, r in zip(prompts, responses)], max_length)
-    order = sorted(range(len(ids)), key=lambda n: -len(ids[n]))    # longest first: out of memory shows at once
+    order = sorted(range(len(ids)), key=lambda n: -len(ids[n]))   # longest first: OOM shows at once
     rewards = [0.0] * len(ids)
     for start in tqdm(range(0, len(ids), batch_size), desc="scoring", disable=not progress):
         rows = order[start:start + batch_size]
-        for n, r in zip(rows, reward_forward(model, [ids[n] for n in rows], tokenizer.pad_token_id).tolist()):
+        scored = reward_forward(model, [ids[n] for n in rows], tokenizer.pad_token_id).tolist()
+        for n, r in zip(rows, scored):
             rewards[n] = r
     return rewards
 
 
+def check_finite(rewards, givers, dtype):
+    """Refuse a reward that is not a finite number before it reaches a part file (a NaN sorts
+    anywhere and makes every mean NaN); givers: per reward, who gave it to what (the message)."""
+    for reward, gave in zip(rewards, givers):
+        if not math.isfinite(reward):
+            hint = (f"an overflow in --dtype {dtype}? --dtype float32 with a new --out avoids it"
+                    if dtype != "float32" else "are its weights broken?")
+            raise UserError(f"{gave} a reward of {reward}; {hint}")
+
+
 def rerank(sample, rewards, keep_human_order=False, sft_human_chosen=False):
-    """The sample with its rewards, responses re-sorted best first and the top one the SFT target, as the authors
-    do; keep_human_order ("w/o Rescore"): order and sft_index as they were. sft_human_chosen: the SFT target
-    stays the human-chosen response wherever it lands (Sec. 2.3 as written: gate the human-preferred sample)."""
+    """The sample with its rewards, responses best first and the top one the SFT target, as the
+    authors do. keep_human_order ("w/o Rescore"): order and sft_index as they were;
+    sft_human_chosen: the SFT target stays the human-chosen response wherever it lands (Sec. 2.3
+    as written: gate the human-preferred sample)."""
     if keep_human_order:
         return {**sample, "rewards": rewards}
-    order = sorted(range(len(rewards)), key=lambda k: -rewards[k])    # stable: equal rewards keep the human order
-    return {**sample, "responses": [sample["responses"][k] for k in order], "rewards": [rewards[k] for k in order],
+    order = sorted(range(len(rewards)), key=lambda k: -rewards[k])  # stable: ties keep human order
+    return {**sample, "responses": [sample["responses"][k] for k in order],
+            "rewards": [rewards[k] for k in order],
             "sft_index": order.index(sample["sft_index"]) if sft_human_chosen else 0}
 
 
 def noise_stats(human_rewards, sft_rewards, reward_gap):
-    """Fig. 1's noise, from each sample's rewards in input (human) order and the reward of each SFT target."""
-    # float32, as in the training batches, so within_gap counts exactly the pairs clha_loss will drop
-    pairs = torch.tensor([(r[i], r[j]) for r in human_rewards for i in range(len(r)) for j in range(i + 1, len(r))])
+    """Fig. 1's noise, from each sample's rewards in human order and each SFT target's reward."""
+    # float32, as in the training batches, so within_gap counts exactly the pairs clha_loss drops
+    pairs = torch.tensor([(r[i], r[j]) for r in human_rewards
+                          for i in range(len(r)) for j in range(i + 1, len(r))])
+    gaps = pairs[:, 0] - pairs[:, 1]
     rewards = torch.tensor([x for r in human_rewards for x in r], dtype=torch.float64)
-    quartiles = torch.quantile(rewards, torch.tensor([0, 0.25, 0.5, 0.75, 1], dtype=torch.float64)).tolist()
+    quartiles = torch.quantile(rewards, torch.tensor([0, 0.25, 0.5, 0.75, 1], dtype=torch.float64))
+    # disagree: the reward model prefers the human-rejected response of the pair
     return {"samples": len(human_rewards), "pairs": len(pairs),
-            "disagree": (pairs[:, 0] < pairs[:, 1]).float().mean().item(),     # the RM prefers the human-rejected one
-            "within_gap": ((pairs[:, 0] - pairs[:, 1]).abs() <= reward_gap).float().mean().item(),   # Eq. 5's k = 1
+            "disagree": (pairs[:, 0] < pairs[:, 1]).float().mean().item(),
+            "within_gap": (gaps.abs() <= reward_gap).float().mean().item(),   # Eq. 5's k = 1
             "sft_off": sum(r <= 0 for r in sft_rewards) / len(sft_rewards),   # Eq. 7's lambda = 1
-            **dict(zip(("min", "q1", "median", "q3", "max"), quartiles)), "mean": rewards.mean().item()}
+            **dict(zip(("min", "q1", "median", "q3", "max"), quartiles.tolist())),
+            "mean": rewards.mean().item()}
 
 
-def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_size=16, reward_gap=3.0,
-                 max_length=1024, sft_human_chosen=False, dtype="float32", score_fn=None):
-    """Score every response of `data_path`, write `out` (rewards, re-ranked), print and return the noise statistics.
-    Under torchrun, rank r scores the samples i with i % world == r into out.part<r>; once all are done, rank 0
-    writes `out` in input order and returns the statistics (the other ranks return None). A rerun resumes.
-    score_fn(prompts, responses) -> rewards replaces the reward model (tests, benchmarks)."""
+def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_size=16,
+                 reward_gap=3.0, max_length=1024, sft_human_chosen=False, dtype="float32",
+                 score_fn=None):
+    """Score every response of `data_path`, write `out` (rewards, re-ranked), print and return the
+    noise statistics. Under torchrun, rank r scores the samples i % world == r into out.part<r>;
+    then rank 0 writes `out` in input order and returns the statistics, the others None. A rerun
+    resumes. score_fn(prompts, responses) -> rewards replaces the model (tests, benchmarks)."""
     flags.input_file(data_path, "--data")
     if os.path.isdir(out):
         raise UserError(f"--out {out}: is a folder; give the output file's name")
@@ -221,9 +242,10 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
     if score_fn is None:
         checkpoint_dir(reward_model, "--reward-model")
     with locks.ranks() as (rank, world), locks.lock(out + ".lock", "--out", out):
-        # the data, each prompt checked against the reward model's input format before its weights load
-        format_fn = reward_format(reward_model)[2] if score_fn is None else lambda prompt, response: ""
-        samples = data.read_samples(data_path, check=lambda s: [format_fn(s["prompt"], r) for r in s["responses"]])
+        # the data, each prompt checked against the reward model's format before its weights load
+        format_fn = reward_format(reward_model)[2] if score_fn is None else lambda p, r: ""
+        samples = data.read_samples(
+            data_path, check=lambda s: [format_fn(s["prompt"], r) for r in s["responses"]])
         # what runs on --out write is no part of the reward model, should --out lie inside it
         ours = [out + end for end in ("", ".lock", ".settings.json")]
         ours += glob.glob(glob.escape(out) + ".part*")
@@ -231,7 +253,7 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
                     "--data": fingerprints.fingerprint(data_path), "--max-length": max_length,
                     "--dtype": dtype}
         done = finished(out, settings, {s["id"]: len(s["responses"]) for s in samples})
-        locks.barrier()                                       # every rank has read before any appends
+        locks.barrier()                                   # every rank has read before any appends
         if rank == 0:
             files.write_json(out + ".settings.json", settings)
 
@@ -239,43 +261,37 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
         share = [s for i, s in enumerate(samples) if i % world == rank]
         todo = [s for s in share if s["id"] not in done]
         if todo and score_fn is None:
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+            cuda = torch.cuda.is_available()
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
             model, tokenizer, format_fn = load_reward_model(reward_model, device, dtype)
-            score_fn = lambda prompts, responses: score(model, tokenizer, format_fn, prompts, responses, batch_size,
-                                                        max_length)
+            score_fn = lambda prompts, responses: score(model, tokenizer, format_fn, prompts,
+                                                        responses, batch_size, max_length)
         chunk = max(1, batch_size * 16 // len(samples[0]["responses"]))
         with files.appending(f"{out}.part{rank}", "the samples scored so far") as write, \
-                tqdm(total=len(share), initial=len(share) - len(todo), desc=f"rescoring {data_path}",
-                     disable=rank != 0 or not todo) as bar:
+                tqdm(total=len(share), initial=len(share) - len(todo),
+                     desc=f"rescoring {data_path}", disable=rank != 0 or not todo) as bar:
             for start in range(0, len(todo), chunk):
                 batch = todo[start:start + chunk]
-                rewards = score_fn(*zip(*[(s["prompt"], r) for s in batch
-                                          for r in s["responses"]]))
-                check_finite(rewards, batch, data_path, reward_model, dtype)
+                rows = [(s["prompt"], r) for s in batch for r in s["responses"]]
+                rewards = score_fn(*zip(*rows))
+                givers = (f"--data {data_path}: sample {s['id']!r}, response {k} ({r[:30]!r}): "
+                          f"--reward-model {reward_model} gave it"
+                          for s in batch for k, r in enumerate(s["responses"]))
+                check_finite(rewards, givers, dtype)
                 rewards = iter(rewards)
-                write([json.dumps({"id": s["id"], "rewards": [next(rewards) for _ in s["responses"]]}) + "\n"
-                       for s in batch])                            # a kill loses at most the chunk in hand
+                records = [{"id": s["id"], "rewards": [next(rewards) for _ in s["responses"]]}
+                           for s in batch]
+                write([json.dumps(r) + "\n" for r in records])  # a kill loses at most this chunk
                 bar.update(len(batch))
         locks.barrier()
-        return merge(out, samples, keep_human_order, sft_human_chosen, reward_gap) if rank == 0 else None
+        if rank != 0:
+            return None
+        return merge(out, samples, keep_human_order, sft_human_chosen, reward_gap)
 
 
-def check_finite(rewards, batch, data_path, reward_model, dtype):
-    """Refuse a reward that is not a finite number where the reward model gave it, before it
-    reaches a part file: a NaN sorts anywhere, and every statistic of the file would be NaN."""
-    where = [(s, k) for s in batch for k in range(len(s["responses"]))]
-    for (s, k), reward in zip(where, rewards):
-        if not math.isfinite(reward):
-            hint = (f"an overflow in --dtype {dtype}? --dtype float32 with a new --out avoids it"
-                    if dtype != "float32" else "are its weights broken?")
-            raise UserError(f"--data {data_path}: sample {s['id']!r}, response {k} "
-                            f"({s['responses'][k][:30]!r}): --reward-model {reward_model} gave "
-                            f"it a reward of {reward}; {hint}")
-
-
-def valid_rewards(K):
-    """read_parts' `keep` for our records: rewards a list of finite numbers, one per response of
-    the sample (an id not in the input is refused by `finished`, with what to do)."""
+def read_scored(out, K):
+    """-> (the part files of `out`, their {id: rewards}), each a finite number per response of
+    the sample; an id not in the input is refused by `finished`, which says what to do."""
     def keep(record):
         rewards, id_ = record["rewards"], record["id"]
         if not isinstance(rewards, list) or not all(
@@ -289,31 +305,31 @@ def valid_rewards(K):
             raise files.WrongRecord(f"sample {id_!r} has {len(rewards)} rewards for its {K[id_]} "
                                     "responses in --data")
         return True
-    return keep
+    parts = sorted(glob.glob(glob.escape(out) + ".part*"))
+    return parts, {id_: r["rewards"] for id_, r in files.read_parts(parts, keep).items()}
 
 
 def finished(out, settings, K):
-    """{id: rewards} that earlier runs on `out` finished, if they had the same settings and input."""
-    parts = sorted(glob.glob(glob.escape(out) + ".part*"))
-    done = {id_: r["rewards"] for id_, r in files.read_parts(parts, valid_rewards(K)).items()}
+    """{id: rewards} that earlier runs on `out` finished, if they had these settings and input."""
+    done = read_scored(out, K)[1]
     if not done:
         return done
     if not os.path.exists(out + ".settings.json"):
-        raise UserError(f"--out {out}: its part files have no {out}.settings.json to say what made them; delete them")
-    fingerprints.check_settings(files.read_json(out + ".settings.json"), settings, f"--out {out} (its part files)")
+        raise UserError(f"--out {out}: its part files have no {out}.settings.json to say what "
+                        "made them; delete them")
+    fingerprints.check_settings(files.read_json(out + ".settings.json"), settings,
+                                f"--out {out} (its part files)")
     for id_, rewards in done.items():
-        if K.get(id_) != len(rewards):
-            raise UserError(f"--out {out}: id {id_!r} with {len(rewards)} rewards in its part files is not in the "
-                            "input: they are left from another data file, delete them")
+        if id_ not in K:                        # read_scored checked the count of the others
+            raise UserError(f"--out {out}: id {id_!r} with {len(rewards)} rewards in its part "
+                            "files is not in the input: they are left from another data file, "
+                            "delete them")
     return done
 
 
 def merge(out, samples, keep_human_order, sft_human_chosen, reward_gap):
-    """Rank 0, once every rank is done: one output in input order, written atomically; then the parts go."""
-    parts = glob.glob(glob.escape(out) + ".part*")
-    K = {s["id"]: len(s["responses"]) for s in samples}
-    records = files.read_parts(sorted(parts), valid_rewards(K))
-    done = {id_: r["rewards"] for id_, r in records.items()}
+    """Rank 0, once every rank is done: one output in input order, written atomically; parts go."""
+    parts, done = read_scored(out, {s["id"]: len(s["responses"]) for s in samples})
     missing = [s["id"] for s in samples if s["id"] not in done]
     if missing:
         raise RuntimeError(f"{len(missing)} samples were not scored, e.g. {missing[0]!r}")
@@ -321,41 +337,43 @@ def merge(out, samples, keep_human_order, sft_human_chosen, reward_gap):
     data.write_jsonl(out, rescored)
     for path in parts + [out + ".settings.json"]:
         os.remove(path)
-    stats = noise_stats([done[s["id"]] for s in samples], [s["rewards"][s["sft_index"]] for s in rescored], reward_gap)
-    print(f"wrote {out}: {stats['samples']} samples, {stats['pairs']} pairs\n"
-          f"  reward model disagrees with the human order: {stats['disagree']:.1%} of pairs\n"
-          f"  within reward_gap {reward_gap} (ignored by Eq. 5): {stats['within_gap']:.1%} of pairs\n"
-          f"  SFT target with reward <= 0 (Eq. 7's SFT term off): {stats['sft_off']:.1%} of samples\n"
-          "  rewards: " + "  ".join(f"{k} {stats[k]:.3f}" for k in ("min", "q1", "median", "q3", "max", "mean")))
+    stats = noise_stats([done[s["id"]] for s in samples],
+                        [s["rewards"][s["sft_index"]] for s in rescored], reward_gap)
+    print("wrote {out}: {samples} samples, {pairs} pairs\n"
+          "  reward model disagrees with the human order: {disagree:.1%} of pairs\n"
+          "  within reward_gap {gap} (ignored by Eq. 5): {within_gap:.1%} of pairs\n"
+          "  SFT target with reward <= 0 (Eq. 7's SFT term off): {sft_off:.1%} of samples\n"
+          "  rewards: min {min:.3f}  q1 {q1:.3f}  median {median:.3f}  q3 {q3:.3f}  max {max:.3f}"
+          "  mean {mean:.3f}".format(out=out, gap=reward_gap, **stats))
     return stats
 
-# ---- training a reward model (Eq. 1) ---------------------------------------------------------------------------
+# ---- training a reward model (Eq. 1) -------------------------------------------------------------
 
 def rm_loss(chosen_rewards, rejected_rewards):
-    """Eq. 1, L_RM = -log sigmoid(r(x, y_c) - r(x, y_r)), mean over pairs; logsigmoid cannot overflow."""
-    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()           # Eq. (1)
+    """Eq. 1, L_RM = -log sigmoid(r(x, y_c) - r(x, y_r)) over pairs; logsigmoid cannot overflow."""
+    return -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards).mean()    # Eq. (1)
 
 
 def preference_pairs(samples):
-    """(x, y_c, y_r) for every pair i < j of each sample, in the file's order: responses[i] is preferred."""
-    return [(s["prompt"], s["responses"][i], s["responses"][j])
-            for s in samples for i in range(len(s["responses"])) for j in range(i + 1, len(s["responses"]))]
+    """(x, y_c, y_r) for each pair i < j of each sample, in file order: y_c = responses[i]."""
+    return [(s["prompt"], s["responses"][i], s["responses"][j]) for s in samples
+            for i in range(len(s["responses"])) for j in range(i + 1, len(s["responses"]))]
 
 
 def reward_accuracy(model, tokenizer, format_fn, pairs, batch_size=16, max_length=1024):
-    """Share of the (x, y_c, y_r) pairs in which the reward model scores the preferred response higher."""
+    """Share of the (x, y_c, y_r) pairs in which the reward model scores y_c higher."""
     prompts, chosen, rejected = zip(*pairs)
     r_c = score(model, tokenizer, format_fn, prompts, chosen, batch_size, max_length)
     r_r = score(model, tokenizer, format_fn, prompts, rejected, batch_size, max_length)
     return sum(c > r for c, r in zip(r_c, r_r)) / len(pairs)
 
 
-def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size=16, max_length=1024, seed=0,
-                       decay=False):
-    """Eq. 1 on the human-order pairs of `train`, from the HF checkpoint `base`; saved to `out` in HF format.
-    batch_size counts sequences per forward as in scoring, so a step trains on batch_size // 2 pairs.
-    decay: the learning rate falls linearly to 0 over the run, so that training ends settled rather than wherever
-    the last noisy steps left it. Returns the pairwise accuracy on `dev`, or on a held-out 10% of `train`."""
+def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size=16,
+                       max_length=1024, seed=0, decay=False):
+    """Eq. 1 on the human-order pairs of `train` from the HF checkpoint `base`, saved to `out`; a
+    step trains on batch_size // 2 pairs (sequences per forward, as in scoring). decay: the learning
+    rate falls linearly to 0, so training ends settled, not where the last noisy steps left it.
+    Returns the pairwise accuracy on `dev`, or on a held-out 10% of `train`."""
     torch.manual_seed(seed)
     samples = data.read_samples(train)
     if dev:
@@ -365,25 +383,29 @@ def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size
         n_dev = max(1, len(samples) // 10)
         samples, dev_samples = samples[n_dev:], samples[:n_dev]
     pairs, dev_pairs = preference_pairs(samples), preference_pairs(dev_samples)
-    print(f"{len(pairs)} training pairs, {len(dev_pairs)} held-out pairs ({dev or f'10% of {train}'})")
+    print(f"{len(pairs)} training pairs, {len(dev_pairs)} held-out pairs "
+          f"({dev or f'10% of {train}'})")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config, tokenizer, format_fn = reward_format(base, "--base", num_labels=1)   # as the scorer will see it
+    config, tokenizer, format_fn = reward_format(base, "--base", num_labels=1)   # as scored later
     model = from_pretrained(AutoModelForSequenceClassification, base, "--base", config=config,
-                                dtype=torch.float32).to(device)
+                            dtype=torch.float32).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    steps = epochs * -(-len(pairs) // max(1, batch_size // 2))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: 1 - n / steps if decay else 1.0)
     n_pairs, g = max(1, batch_size // 2), torch.Generator().manual_seed(seed)
+    steps = epochs * -(-len(pairs) // n_pairs)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                 lambda n: 1 - n / steps if decay else 1.0)
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(pairs), generator=g).tolist()
         for step, start in enumerate(range(0, len(pairs), n_pairs)):
             batch = [pairs[n] for n in order[start:start + n_pairs]]
             # chosen and rejected go through one forward: one padded batch instead of two
-            texts = [format_fn(x, y_c) for x, y_c, _ in batch] + [format_fn(x, y_r) for x, _, y_r in batch]
+            texts = ([format_fn(x, y_c) for x, y_c, _ in batch]
+                     + [format_fn(x, y_r) for x, _, y_r in batch])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                rewards = reward_forward(model, encode(tokenizer, texts, max_length), tokenizer.pad_token_id)  # [2P]
+                rewards = reward_forward(model, encode(tokenizer, texts, max_length),
+                                         tokenizer.pad_token_id)                          # [2P]
             loss = rm_loss(rewards[:len(batch)], rewards[len(batch):])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -400,50 +422,57 @@ def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size
     print(f"saved the reward model to {out}")
     return accuracy
 
-# ---- command line ---------------------------------------------------------------------------------------------
+# ---- command line --------------------------------------------------------------------------------
 
 @dataclass
 class Config:
-    reward_model: str = opt("", "path or hub id, e.g. OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5")
+    reward_model: str = opt("", "path or hub id, e.g. "
+                                "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5")
     data: str = opt("", "input samples, in data.py's format or the authors'")
-    out: str = opt("", "output sample file (.jsonl, or .jsonl.gz to gzip it); with --train-reward-model, the "
-                       "folder for the model")
+    out: str = opt("", "output sample file (.jsonl, or .jsonl.gz to gzip it); with "
+                       "--train-reward-model, the folder for the model")
     keep_human_order: bool = opt(False, "keep the human order and sft_index ('w/o Rescore')")
-    sft_human_chosen: bool = opt(False, "SFT target: the human-chosen response, as Sec. 2.3 says, not the "
-                                        "top-reward one, as the authors' code does")
-    dtype: str = opt("float32", "reward model dtype: float32 as the authors ran it, or bfloat16 / float16 "
-                                "(faster on GPUs; rewards move by ~1e-2)", choices=["float32", "bfloat16", "float16"])
+    sft_human_chosen: bool = opt(False, "SFT target: the human-chosen response, as Sec. 2.3 says, "
+                                        "not the top-reward one, as the authors' code does")
+    dtype: str = opt("float32", "reward model dtype: float32 as the authors ran it, or bfloat16 / "
+                                "float16 (faster on GPUs; rewards move by ~1e-2)",
+                     choices=["float32", "bfloat16", "float16"])
     batch_size: int = opt(16, "sequences per forward", at_least=1)
     max_length: int = opt(1024, "tokens per sequence, cut from the left", at_least=2)
-    reward_gap: float = opt(3.0, "pairs at most this far apart count as ties in the statistics (Eq. 5's k)",
-                            at_least=0)
-    train_reward_model: bool = opt(False, "train a reward model with Eq. 1 on --data instead of scoring")
+    reward_gap: float = opt(3.0, "pairs at most this far apart count as ties in the statistics "
+                                 "(Eq. 5's k)", at_least=0)
+    train_reward_model: bool = opt(False, "train a reward model with Eq. 1 on --data instead of "
+                                          "scoring")
     base: str = opt("", "--train-reward-model: the HF checkpoint to start from")
     dev: str = opt("", "--train-reward-model: held-out samples (default: 10%% of --data)")
     epochs: int = opt(1, "--train-reward-model: passes over the pairs", at_least=1)
     lr: float = opt(1e-5, "--train-reward-model: AdamW learning rate", above=0)
-    seed: int = opt(0, "--train-reward-model: seed of the order and the held-out split", at_least=0)
-    lr_decay: bool = opt(False, "--train-reward-model: the learning rate falls linearly to 0 (the demo's)")
+    seed: int = opt(0, "--train-reward-model: seed of the order and the held-out split",
+                    at_least=0)
+    lr_decay: bool = opt(False, "--train-reward-model: the learning rate falls linearly to 0 "
+                                "(the demo's)")
 
 
 def main(argv=None):
-    cfg = flags.parse(Config, argv, __doc__.split("\n")[0])
+    # the description is the docstring's first paragraph; argparse joins its two lines
+    cfg = flags.parse(Config, argv, __doc__.split("\n\n")[0])
     for name in ("base" if cfg.train_reward_model else "reward_model", "data", "out"):
         if not getattr(cfg, name):
             raise UserError(f"--{name.replace('_', '-')} is required")
     if int(os.environ.get("RANK", 0)) == 0:
         print(cfg)
     if not cfg.train_reward_model:
-        return rescore_file(cfg.reward_model, cfg.data, cfg.out, cfg.keep_human_order, cfg.batch_size, cfg.reward_gap,
-                            cfg.max_length, cfg.sft_human_chosen, cfg.dtype)
+        return rescore_file(cfg.reward_model, cfg.data, cfg.out, cfg.keep_human_order,
+                            cfg.batch_size, cfg.reward_gap, cfg.max_length, cfg.sft_human_chosen,
+                            cfg.dtype)
     for flag, path in (("--data", cfg.data), ("--dev", cfg.dev)):
         if path:
             flags.input_file(path, flag)
     if cfg.batch_size < 2:
         raise UserError(f"--batch-size {cfg.batch_size}: training needs at least 2 (one pair)")
     flags.output_dir(cfg.out, "--out")
-    train_reward_model(cfg.data, cfg.out, cfg.base, cfg.dev or None, cfg.epochs, cfg.lr, cfg.batch_size,
-                       cfg.max_length, cfg.seed, cfg.lr_decay)
+    train_reward_model(cfg.data, cfg.out, cfg.base, cfg.dev or None, cfg.epochs, cfg.lr,
+                       cfg.batch_size, cfg.max_length, cfg.seed, cfg.lr_decay)
 
 
 if __name__ == "__main__":
