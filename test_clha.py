@@ -26,7 +26,7 @@ from transformers import GPTNeoXConfig, GPTNeoXModel, LlamaConfig, LlamaForCausa
 import clha_loss
 import data
 from data import UserError
-from harness import checkpoints, files, fingerprints, flags, locks, models
+from harness import checkpoints, files, fingerprints, flags, models
 from tools import benchmark, demo
 import evaluate
 import rescore

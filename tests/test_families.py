@@ -15,7 +15,6 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GPTNeoXConfig, Llama
                           Qwen2Config)
 
 import data
-from data import UserError
 from harness import flags
 from tools import demo
 import evaluate

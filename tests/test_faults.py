@@ -25,11 +25,11 @@ from safetensors.torch import load_file
 
 import data
 from data import UserError
-from harness import checkpoints, files, fingerprints, flags, locks, models
+from harness import checkpoints, fingerprints, locks, models
 import evaluate
 import rescore
 import train
-from conftest import finished, one_line_error, torchrun, train_args   # noqa: F401 (fixtures)
+from conftest import one_line_error, torchrun, train_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 PROMPT = "\n\nHuman: How do I bake bread?\n\nAssistant:"

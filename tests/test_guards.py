@@ -24,7 +24,7 @@ import data
 import train
 from data import UserError
 from harness import checkpoints, flags, stopping
-from conftest import finished, master_weights, one_line_error, train_args   # noqa: F401 (fixtures)
+from conftest import master_weights, one_line_error, train_args
 
 STEP6 = os.path.join("checkpoints", "step_0000006")
 

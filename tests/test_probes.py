@@ -31,27 +31,15 @@ import data
 import evaluate
 import rescore
 import train
-from conftest import generate, train_args
+from conftest import generate, one_line_error, train_args
 from data import UserError
-from harness import fingerprints, flags
+from harness import fingerprints
 from tools import demo
 from tools import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 PROMPT = "\n\nHuman: How do I bake bread?\n\nAssistant:"
 N_NEW = 10                                                          # max_new_tokens here
-
-
-def one_line_error(capsys, main, argv, pattern):
-    """main(argv) as its command line runs it: exit status 2 and one line on stderr matching
-    `pattern`."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit:
-        flags.run(main, argv)
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: ") and re.search(pattern, err), err
-    return err
 
 
 def sample(id_, responses, **fields):
