@@ -266,27 +266,32 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
             model, tokenizer, format_fn = load_reward_model(reward_model, device, dtype)
             score_fn = lambda prompts, responses: score(model, tokenizer, format_fn, prompts,
                                                         responses, batch_size, max_length)
-        chunk = max(1, batch_size * 16 // len(samples[0]["responses"]))
-        with files.appending(f"{out}.part{rank}", "the samples scored so far") as write, \
-                tqdm(total=len(share), initial=len(share) - len(todo),
-                     desc=f"rescoring {data_path}", disable=rank != 0 or not todo) as bar:
-            for start in range(0, len(todo), chunk):
-                batch = todo[start:start + chunk]
-                rows = [(s["prompt"], r) for s in batch for r in s["responses"]]
-                rewards = score_fn(*zip(*rows))
-                givers = (f"--data {data_path}: sample {s['id']!r}, response {k} ({r[:30]!r}): "
-                          f"--reward-model {reward_model} gave it"
-                          for s in batch for k, r in enumerate(s["responses"]))
-                check_finite(rewards, givers, dtype)
-                rewards = iter(rewards)
-                records = [{"id": s["id"], "rewards": [next(rewards) for _ in s["responses"]]}
-                           for s in batch]
-                write([json.dumps(r) + "\n" for r in records])  # a kill loses at most this chunk
-                bar.update(len(batch))
+        with tqdm(total=len(share), initial=len(share) - len(todo), desc=f"rescoring {data_path}",
+                  disable=rank != 0 or not todo) as bar:
+            score_share(todo, score_fn, f"{out}.part{rank}", bar, batch_size, data_path,
+                        reward_model, dtype)
         locks.barrier()
         if rank != 0:
             return None
         return merge(out, samples, keep_human_order, sft_human_chosen, reward_gap)
+
+
+def score_share(todo, score_fn, part, bar, batch_size, data_path, reward_model, dtype):
+    """Score `todo` a chunk at a time (enough rows for length-sorted batches) and append each
+    chunk's records to this rank's part file, flushed: a kill loses at most the chunk in hand."""
+    chunk = max(1, batch_size * 16 // len(todo[0]["responses"])) if todo else 1
+    with files.appending(part, "the samples scored so far") as write:
+        for start in range(0, len(todo), chunk):
+            batch = todo[start:start + chunk]
+            rewards = score_fn(*zip(*[(s["prompt"], r) for s in batch for r in s["responses"]]))
+            givers = (f"--data {data_path}: sample {s['id']!r}, response {k} ({r[:30]!r}): "
+                      f"--reward-model {reward_model} gave it"
+                      for s in batch for k, r in enumerate(s["responses"]))
+            check_finite(rewards, givers, dtype)
+            rewards = iter(rewards)
+            write([json.dumps({"id": s["id"], "rewards": [next(rewards) for _ in s["responses"]]})
+                   + "\n" for s in batch])
+            bar.update(len(batch))
 
 
 def read_scored(out, K):

@@ -72,24 +72,8 @@ def save(cfg, model, optimizer, step, rank, world, inputs):
             made[1] = e.strerror
     dist.broadcast_object_list(made, src=0)
     temporary, problem = made
-    problem, hashes = problem or (None if finite(state) else "not finite"), {}
-    if problem is None:
-        try:
-            dcp.save(state, checkpoint_id=temporary)        # each rank learns of any rank's failure
-            rng = io.BytesIO()
-            torch.save(torch.get_rng_state(), rng)
-            with open(os.path.join(temporary, f"rng_rank{rank}.pt"), "xb") as f:  # refused: OSError
-                f.write(rng.getvalue())
-                os.fsync(f.fileno())
-            mine = [f"rng_rank{rank}.pt"] + [".metadata"] * (rank == 0) + \
-                [n for n in os.listdir(temporary) if n.startswith(f"__{rank}_")]
-            hashes = {name: sha256(os.path.join(temporary, name)) for name in mine}
-        except (OSError, CheckpointException) as e:
-            failures = [x[0] for x in e.failures.values()] \
-                if isinstance(e, CheckpointException) else [e]
-            problem = refused_write(failures[0])
-            if not all(refused_write(x) for x in failures):
-                raise
+    problem = problem or (None if finite(state) else "not finite")
+    problem, hashes = (problem, {}) if problem else write_shards(state, temporary, rank)
     gathered = [None] * world
     dist.all_gather_object(gathered, (problem, hashes))
     problems = [p for p, _ in gathered]
@@ -119,6 +103,27 @@ def save(cfg, model, optimizer, step, rank, world, inputs):
                             "kept: lower --lr and resume from one (--resume)")
         raise UserError(f"cannot write {path} ({verdict[0]}): the checkpoints before it are kept; "
                         "rerun with --resume once there is room")
+
+
+def write_shards(state, folder, rank):
+    """This rank's shards (DCP) and RNG state, flushed, into `folder` -> (what the filesystem said
+    if it refused a write, else None; {file: SHA-256} of what this rank wrote)."""
+    try:
+        dcp.save(state, checkpoint_id=folder)               # each rank learns of any rank's failure
+        rng = io.BytesIO()
+        torch.save(torch.get_rng_state(), rng)
+        with open(os.path.join(folder, f"rng_rank{rank}.pt"), "xb") as f:   # refused: OSError
+            f.write(rng.getvalue())
+            os.fsync(f.fileno())
+        mine = [f"rng_rank{rank}.pt"] + [".metadata"] * (rank == 0) + \
+            [n for n in os.listdir(folder) if n.startswith(f"__{rank}_")]
+        return None, {name: sha256(os.path.join(folder, name)) for name in mine}
+    except (OSError, CheckpointException) as e:
+        failures = [x[0] for x in e.failures.values()] if isinstance(e, CheckpointException) \
+            else [e]
+        if not all(refused_write(x) for x in failures):
+            raise
+        return refused_write(failures[0]), {}
 
 
 def training_state(model, optimizer):

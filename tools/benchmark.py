@@ -249,33 +249,35 @@ def run_variant(cfg):
         memory = (logs.peak_memory(device) if device.type == "cuda"
                   else {"peak_mem_gb": rss.stop_gb()})
         peak = torch.tensor(list(memory.values()), device=device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        timed = batches[cfg.warmup:]
-        tokens = sum(b["tokens"] for b in timed)            # of the B*K sequences, any layout
-        tokens_per_s = tokens / len(timed) / step_s                     # per GPU
-        padding = 1 - sum(b["computed"] for b in timed) / sum(b["input_ids"].numel() for b in timed)
-        # the positions the LM head runs on (data.policy_logps: the columns in `keep`)
-        head_share = 1.0 if cfg.variant == "lm" else sum(b["keep"].numel() for b in timed) / tokens
-        peak_device = peak_flops(name, cfg.peak_tflops)
-        mfu = flops_per_token(config, cfg.max_len, head_share) * tokens_per_s / peak_device \
-            if peak_device and not cfg.lengths else None
-        result = {"variant": cfg.variant, "arch": cfg.model or cfg.arch,
-                  "params": matmul_params(config)[0], "world": world, "device": name,
-                  "dtype": tcfg.dtype, "B": cfg.batch_size[0], "K": timed[0]["K"],
-                  "T": "file" if cfg.lengths else cfg.max_len,
-                  "activation_checkpointing": cfg.activation_checkpointing,
-                  "cpu_offload": cfg.cpu_offload, "compile": cfg.compile,
-                  "step_s": round(step_s, 4),
-
-                  "steps_per_s": round(1 / step_s, 4),
-                  "tokens_per_s_per_gpu": round(tokens_per_s, 1), "padding": round(padding, 4),
-                  "mfu": round(mfu, 4) if mfu else None,
-                  **{k: round(v, 2) for k, v in zip(memory, peak.tolist())}}
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)               # the rank that needs the most
+        result = variant_result(cfg, config, tcfg, batches[cfg.warmup:], step_s, world, device,
+                                dict(zip(memory, peak.tolist())))
         if rank == 0:
             print("RESULT " + json.dumps(result), flush=True)
     finally:
         dist.destroy_process_group()
+
+
+def variant_result(cfg, config, tcfg, timed, step_s, world, device, memory):
+    """One variant's figures from its timed batches and step time."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    tokens = sum(b["tokens"] for b in timed)                # of the B*K sequences, any layout
+    tokens_per_s = tokens / len(timed) / step_s                         # per GPU
+    padding = 1 - sum(b["computed"] for b in timed) / sum(b["input_ids"].numel() for b in timed)
+    # the positions the LM head runs on (data.policy_logps: the columns in `keep`)
+    head_share = 1.0 if cfg.variant == "lm" else sum(b["keep"].numel() for b in timed) / tokens
+    peak_device = peak_flops(name, cfg.peak_tflops)
+    mfu = flops_per_token(config, cfg.max_len, head_share) * tokens_per_s / peak_device \
+        if peak_device and not cfg.lengths else None
+    return {"variant": cfg.variant, "arch": cfg.model or cfg.arch,
+            "params": matmul_params(config)[0], "world": world, "device": name,
+            "dtype": tcfg.dtype, "B": cfg.batch_size[0], "K": timed[0]["K"],
+            "T": "file" if cfg.lengths else cfg.max_len,
+            "activation_checkpointing": cfg.activation_checkpointing,
+            "cpu_offload": cfg.cpu_offload, "compile": cfg.compile, "step_s": round(step_s, 4),
+            "steps_per_s": round(1 / step_s, 4), "tokens_per_s_per_gpu": round(tokens_per_s, 1),
+            "padding": round(padding, 4), "mfu": round(mfu, 4) if mfu else None,
+            **{k: round(v, 2) for k, v in memory.items()}}
 
 
 def run_in_subprocess(argv):
