@@ -40,7 +40,7 @@ from clha_loss import clha_objective
 from data import UserError
 from harness import checkpoints, flags, locks, logs, preflight, stopping
 from harness.flags import opt
-from harness.models import from_pretrained
+from harness.models import from_pretrained, parameters_on_meta
 
 
 @dataclass
@@ -172,24 +172,6 @@ def build_model(cfg, config, device, rank, weights=True):
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
                                                                broadcast_from_rank0=True))
     return model
-
-
-class parameters_on_meta:
-    """Build a model whose parameters take no memory (the meta device) while its buffers are
-    computed for real by each module's own __init__ (rotary inv_freq and the like). Those buffers
-    are in no checkpoint, and transformers rebuilds them only for the modules it knows."""
-
-    def __enter__(self):
-        self.register = register = torch.nn.Module.register_parameter
-
-        def on_meta(module, name, param):
-            if param is not None and not param.is_meta:      # (a tied weight is already meta)
-                param = torch.nn.Parameter(param.to("meta"), param.requires_grad)
-            register(module, name, param)
-        torch.nn.Module.register_parameter = on_meta
-
-    def __exit__(self, *exc):
-        torch.nn.Module.register_parameter = self.register
 
 
 def apply_fsdp(model, param_dtype, activation_checkpointing, cpu_offload=False, compile=False):

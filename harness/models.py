@@ -1,6 +1,9 @@
-"""Loading a checkpoint or a tokenizer, with a folder or file that cannot be used as one line."""
+"""Loading a checkpoint or a tokenizer, with a folder or file that cannot be used as one line; and
+building a model whose parameters take no memory until FSDP has sharded them."""
 
 import os
+
+import torch
 
 from data import UserError
 
@@ -40,3 +43,21 @@ def from_pretrained(loader, path, flag, **kwargs):
     except user_errors as e:
         reason = " ".join(str(e).split()) or type(e).__name__       # the whole message, on one line
         raise UserError(f"{flag} {path}: cannot load it: {reason}") from None
+
+
+class parameters_on_meta:
+    """Build a model whose parameters take no memory (the meta device) while its buffers are
+    computed for real by each module's own __init__ (rotary inv_freq and the like). Those buffers
+    are in no checkpoint, and transformers rebuilds them only for the modules it knows."""
+
+    def __enter__(self):
+        self.register = register = torch.nn.Module.register_parameter
+
+        def on_meta(module, name, param):
+            if param is not None and not param.is_meta:      # (a tied weight is already meta)
+                param = torch.nn.Parameter(param.to("meta"), param.requires_grad)
+            register(module, name, param)
+        torch.nn.Module.register_parameter = on_meta
+
+    def __exit__(self, *exc):
+        torch.nn.Module.register_parameter = self.register
