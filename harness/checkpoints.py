@@ -18,7 +18,7 @@ skipped for the newest intact one. It refuses other settings or other inputs
 
 What is trusted: nothing in a checkpoint runs code. Its tensors are read as tensors; the one pickle
 DCP writes (.metadata, the index of the shards) is read by an unpickler that builds DCP's own index
-classes and refuses anything else; AdamW's hyperparameters are not stored (they are the flags, which
+classes and refuses anything else, and must list tensors only; AdamW's hyperparameters are not stored (they are the flags, which
 a resume must repeat). The hashes detect damage, not an attacker who rewrites meta.json too.
 """
 
@@ -192,18 +192,20 @@ def step_dirs(out):
 
 
 def find_resumable(cfg, inputs, rank, world, log=print):
-    """-> the intact checkpoints of cfg.out, newest first, after checking that their run had the
-    same settings and inputs; [] when there is none yet (a requeued job stopped before its first
-    checkpoint starts fresh). Each damaged one is named in one line and skipped."""
-    intact, damaged = [], 0
-    for path in reversed(step_dirs(cfg.out)):
+    """-> the checkpoints a resume may use, newest first: the newest intact one (every file hashed),
+    after checking that its run had the same settings and inputs, then the older ones, which load()
+    verifies only if it falls back to them; [] when there is none yet (a requeued job stopped
+    before its first checkpoint starts fresh). Each damaged one is named in one line and skipped."""
+    intact, damaged, paths = [], 0, step_dirs(cfg.out)[::-1]
+    for n, path in enumerate(paths):
         problem = damage(path, rank, world)
         if problem:
             damaged += 1
             log(f"warning: --resume: {path} is damaged ({problem}); it is skipped, and deleted "
                 "once the run resumes")
         else:
-            intact.append(path)
+            intact = paths[n:]
+            break
     if not intact:
         if damaged or os.path.exists(os.path.join(cfg.out, "final")):
             raise UserError(f"--resume: no complete checkpoint in {cfg.out}/checkpoints"
@@ -238,8 +240,11 @@ def damage(path, rank=0, world=1):
         files = meta.get("files")
         if not isinstance(files, dict):               # written by an earlier version: sizes only
             problem = legacy_damage(path, meta) if rank == 0 else None
-        else:
-            for name in sorted(files)[rank::world]:
+        else:      # every file a resume reads is listed (none goes unchecked) and as written
+            unlisted = [n for n in sorted(os.listdir(path)) if n not in files and (
+                n == ".metadata" or n.endswith(".distcp") or n.startswith("rng_rank"))]
+            problem = f"{unlisted[0]} is not among the files it recorded" if unlisted else None
+            for name in [] if problem else sorted(files)[rank::world]:
                 if not os.path.isfile(os.path.join(path, name)):
                     problem = f"{name} is missing"
                 elif sha256(os.path.join(path, name)) != files[name]:
@@ -272,17 +277,25 @@ def legacy_damage(path, meta):
 
 
 def load(candidates, model, optimizer, rank, log=print):
-    """The newest of the intact checkpoints whose state loads and is finite, into this rank's shards
-    of the model and AdamW, and its RNG state -> its step (0 with no candidate)."""
-    for path in candidates:
+    """The newest of find_resumable's checkpoints that is intact (the first was verified there),
+    loads and is finite, into this rank's shards of the model and AdamW, and its RNG state -> its
+    step (0 with no candidate)."""
+    for n, path in enumerate(candidates):
+        problem = damage(path, rank, dist.get_world_size()) if n else None
+        if problem:
+            log(f"warning: --resume: {path} is damaged ({problem}); the one before it is tried")
+            continue
         state = training_state(model, optimizer)
         try:
-            dcp.load(state, checkpoint_id=path, storage_reader=SafeReader(path))
+            dcp.load(state, checkpoint_id=path, storage_reader=SafeReader(path),
+                     planner=TensorsOnly())
             rng = os.path.join(path, f"rng_rank{rank}.pt")     # none for a new rank: fresh
             rng = torch.load(rng, weights_only=True) if os.path.exists(rng) else None
             problem = None
-        except (CheckpointException, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-            problem = f"unreadable: {' '.join(str(e).split())[:200]}"
+        except (CheckpointException, OSError, RuntimeError, pickle.UnpicklingError,
+                EOFError) as e:
+            e = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+            problem = f"unreadable: {' '.join(str(e).split())[:200]}"    # a rank's own error
         problems = [None] * dist.get_world_size()
         dist.all_gather_object(problems, problem)
         problem = next(filter(None, problems), None) or (None if finite(state) else "not finite")
@@ -311,10 +324,26 @@ class SafeReader(dcp.FileSystemReader):
             metadata = IndexUnpickler(f).load()
         if not isinstance(metadata, dcp.metadata.Metadata):
             raise pickle.UnpicklingError("the index is not a DCP Metadata")
+        # An entry of another kind (BytesStorageMetadata) would be read with torch.load's full
+        # unpickler; ours are tensors only (an earlier version's AdamW hyperparameters are never
+        # read: the training state does not ask for them, and TensorsOnly would refuse them).
+        others = [key for key, entry in metadata.state_dict_metadata.items()
+                  if not isinstance(entry, dcp.metadata.TensorStorageMetadata)
+                  and not key.startswith("optim.param_groups.")]
+        if others:
+            raise pickle.UnpicklingError(f"the index lists {others[0]!r} as other than a tensor, "
+                                         "which a training state never holds: refused")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = dcp.metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class TensorsOnly(dcp.DefaultLoadPlanner):
+    """DCP's planner, which would read a non-tensor entry with torch.load's full unpickler: never."""
+
+    def load_bytes(self, read_item, value):
+        raise pickle.UnpicklingError(f"{read_item.dest_index.fqn} is not a tensor: refused")
 
 
 class IndexUnpickler(pickle.Unpickler):

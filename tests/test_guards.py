@@ -7,6 +7,7 @@ Each test fails on the code before these guards (noted where it is not obvious).
 """
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -16,6 +17,8 @@ import shutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 from transformers import AutoConfig
@@ -134,6 +137,17 @@ def rewrite(path, model_state, optimizer_state, files=True):
     open(os.path.join(path, "meta.json"), "w").write(json.dumps(meta))
 
 
+def test_a_resume_hashes_only_the_checkpoint_it_uses(tiny, finished, tmp_path, monkeypatch):
+    """Before, every kept checkpoint was hashed before the newest was used (2 x 84 GB at 7B)."""
+    out, hashed = tmp_path / "run", []
+    shutil.copytree(finished[0], out)
+    shutil.rmtree(out / "final")
+    sha256 = checkpoints.sha256
+    monkeypatch.setattr(checkpoints, "sha256", lambda path: hashed.append(path) or sha256(path))
+    train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
+    assert hashed and {os.path.dirname(path) for path in hashed} == {str(out / STEP6)}
+
+
 def test_a_checkpoint_whose_state_is_not_finite_is_skipped(tiny, finished, tmp_path, capsys):
     """Shards with a NaN in AdamW's state, hashed as written (a state saved by a version without the
     finiteness check, or a kernel's NaN): the loaded state is checked, and the one before it used."""
@@ -157,7 +171,7 @@ def test_a_checkpoint_whose_state_is_not_finite_is_skipped(tiny, finished, tmp_p
     assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)
 
 
-def test_a_checkpoint_written_by_the_previous_version_resumes(tiny, finished, tmp_path):
+def test_a_checkpoint_written_by_the_previous_version_resumes(tiny, finished, tmp_path, capsys):
     """The previous version stored the whole optimizer state dict (its hyperparameters pickled into the
     shards) and no hashes. It resumes; its pickled parts are never read."""
     out = tmp_path / "run"
@@ -171,7 +185,9 @@ def test_a_checkpoint_written_by_the_previous_version_resumes(tiny, finished, tm
                 get_optimizer_state_dict(model, optimizer), files=False)
     finally:
         torch.distributed.destroy_process_group()
+    capsys.readouterr()
     train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
+    assert "damaged" not in capsys.readouterr().out                # step 6 itself was loaded
     steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
     assert steps == list(range(1, 7))                              # resumed at 6: nothing redone
     resumed = load_file(str(out / "final" / "model.safetensors"))
@@ -211,6 +227,54 @@ def test_a_pickle_planted_in_a_checkpoint_runs_nothing(tiny, finished, tmp_path,
     assert not marker.exists()
     assert re.search(r"step_0000006 is damaged \(", capsys.readouterr().out)
     assert load_file(str(out / "final" / "model.safetensors")).keys() == finished[1].keys()
+
+
+def test_a_non_tensor_entry_planted_in_a_checkpoint_runs_nothing(tiny, finished, tmp_path, capsys):
+    """A valid DCP index whose first model entry says "bytes", pointing at a pickle that runs a
+    command, with meta.json's hashes rewritten to match: DCP reads such an entry with torch.load's
+    full unpickler, so before, the index's own check let it through and --resume ran the command."""
+    out, marker = tmp_path / "run", tmp_path / "ran"
+    shutil.copytree(finished[0], out)
+    shutil.rmtree(out / "final")
+    folder = out / STEP6
+    with open(folder / ".metadata", "rb") as f:
+        index = pickle.load(f)
+    key = next(k for k in index.state_dict_metadata if k.startswith("model."))
+    payload = io.BytesIO()
+    torch.save(Planted(marker), payload)
+    (folder / "__0_9.distcp").write_bytes(payload.getvalue())
+    index.state_dict_metadata[key] = BytesStorageMetadata()
+    index.storage_data[MetadataIndex(key)] = _StorageInfo("__0_9.distcp", 0,
+                                                          len(payload.getvalue()))
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(index, f)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["files"] = {n: checkpoints.sha256(str(folder / n)) for n in os.listdir(folder)
+                     if n != "meta.json"}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
+    assert not marker.exists()
+    assert re.search(rf"step_0000006 is damaged \(unreadable: .*{re.escape(key)}.* refused",
+                     capsys.readouterr().out)
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)
+
+
+def test_a_file_the_hashes_do_not_list_is_damage(tiny, finished, tmp_path, capsys):
+    """meta.json's list of hashes emptied: before, nothing was checked and the index was read."""
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    shutil.rmtree(out / "final")
+    meta = json.loads((out / STEP6 / "meta.json").read_text())
+    meta["files"] = {}
+    (out / STEP6 / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
+    assert re.search(r"step_0000006 is damaged \(.metadata is not among the files it recorded\)",
+                     capsys.readouterr().out)
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)
 
 
 def test_planted_temporary_files_and_links_are_not_written_through(tiny, finished, tmp_path):
