@@ -382,8 +382,7 @@ def main(argv=None):
     for flag, path in (("--model", cfg.model), ("--reward-model", cfg.reward_model)):
         checkpoint_dir(path, flag)
         checkpoint_dir(path, flag, tokenizer=True)
-    if "RANK" in os.environ and torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    locks.local_device()                     # cuda:LOCAL_RANK current, or one line if there is none
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(vars(cfg)))
     results = evaluate(cfg, progress=True)

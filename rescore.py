@@ -261,9 +261,8 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
         share = [s for i, s in enumerate(samples) if i % world == rank]
         todo = [s for s in share if s["id"] not in done]
         if todo and score_fn is None:
-            cuda = torch.cuda.is_available()
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
-            model, tokenizer, format_fn = load_reward_model(reward_model, device, dtype)
+            model, tokenizer, format_fn = load_reward_model(reward_model, locks.local_device(),
+                                                            dtype)
             score_fn = lambda prompts, responses: score(model, tokenizer, format_fn, prompts,
                                                         responses, batch_size, max_length)
         with tqdm(total=len(share), initial=len(share) - len(todo), desc=f"rescoring {data_path}",
@@ -464,6 +463,7 @@ def main(argv=None):
     for name in ("base" if cfg.train_reward_model else "reward_model", "data", "out"):
         if not getattr(cfg, name):
             raise UserError(f"--{name.replace('_', '-')} is required")
+    locks.local_device()                     # one line if this node has too few GPUs
     if int(os.environ.get("RANK", 0)) == 0:
         print(cfg)
     if not cfg.train_reward_model:

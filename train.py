@@ -122,13 +122,8 @@ def init_distributed(cpu_offload=False):
     # The other ranks wait in the weight broadcast while rank 0 reads the whole checkpoint (13.5 GB
     # for LLaMA-7B, minutes from a network disk): NCCL's default 10 minutes can run out.
     timeout = timedelta(minutes=60)
-    if torch.cuda.is_available():
-        per_node, visible = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
-        if per_node > visible:
-            raise UserError(f"--nproc_per_node {per_node}: this node shows {visible} GPUs "
-                            "(CUDA_VISIBLE_DEVICES); start one process per GPU")
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+    device = locks.local_device()              # cuda:LOCAL_RANK, or one line if there is none
+    if device.type == "cuda":
         # Every CLHA batch hands attention an explicit mask, for which torch prefers cuDNN's kernel
         # on H100/H200; it has given NaN query gradients at some lengths (pytorch issue 196678).
         # The memory-efficient and math kernels take the same mask.
@@ -139,7 +134,6 @@ def init_distributed(cpu_offload=False):
             dist.init_process_group("nccl", device_id=device, timeout=timeout, **alone)
         torch.set_float32_matmul_precision("high")            # TF32 for what runs in fp32
     else:
-        device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout, **alone)
     return dist.get_rank(), dist.get_world_size(), device
 

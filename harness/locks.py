@@ -11,6 +11,7 @@ import fcntl
 import os
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from data import UserError
@@ -29,6 +30,21 @@ def ranks():
     finally:
         if own:
             dist.destroy_process_group()
+
+
+def local_device():
+    """This process's device, made current: cuda:LOCAL_RANK where the node has GPUs, else the CPU.
+    More processes on a node than the GPUs it shows is one line, not "invalid device ordinal"."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if max(per_node, local + 1) > visible:
+        what = f"--nproc_per_node {per_node}" if per_node > visible else f"LOCAL_RANK {local}"
+        raise UserError(f"{what}: this node shows {visible} GPUs (CUDA_VISIBLE_DEVICES); start "
+                        "one process per GPU")
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
 
 
 def barrier():

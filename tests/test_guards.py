@@ -306,6 +306,34 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch):
         train.init_distributed()
 
 
+@pytest.mark.parametrize("script", ["train", "rescore", "evaluate"])
+def test_a_local_rank_beyond_the_gpus_is_one_line(script, monkeypatch, capsys, tmp_path):
+    """srun, mpirun or a hand-set environment: LOCAL_RANK 3 on a node that shows 2 GPUs. Before,
+    "invalid device ordinal" in train.py (which checked LOCAL_WORLD_SIZE only), in rescore.py when
+    its weights were placed, and a KeyError in evaluate.py when RANK was set without LOCAL_RANK."""
+    import evaluate
+    import rescore
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device ran"))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    if script == "train":
+        with pytest.raises(UserError, match=r"^LOCAL_RANK 3: this node shows 2 GPUs"):
+            train.init_distributed()
+        return
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text("{}")
+    (tmp_path / "d.jsonl").write_text("")
+    argv = ["--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "out"),
+            "--reward-model", str(folder)] + (["--model", str(folder)] if script == "evaluate"
+                                              else [])
+    main = rescore.main if script == "rescore" else evaluate.main
+    one_line_error(capsys, main, argv, r"LOCAL_RANK 3: this node shows 2 GPUs")
+
+
 def test_wandb_that_cannot_start_is_one_line_before_the_weights_load(tiny, tmp_path, monkeypatch,
                                                                      capsys):
     """No API key: before, a traceback once the weights had loaded (minutes for LLaMA-7B)."""
