@@ -254,8 +254,11 @@ def policy_logps(model, batch):
     """Eq. 3 for each candidate of a make_batch batch, any layout -> mean and summed response
     log-probs [N], N = B * K prompt-major: one forward for all (under FSDP each forward all-gathers
     every layer), the LM head only on the columns that predict a response token (`keep`)."""
-    mask = batch["attention_mask"]
-    if mask.dim() == 4 and model.config._attn_implementation == "eager":  # eager adds it: 0 or -inf
+    mask, impl = batch["attention_mask"], model.config._attn_implementation
+    if mask.dim() == 2 and impl in ("sdpa", "eager"):   # else transformers tests mask.all(): a sync
+        causal = torch.ones(mask.shape[1], mask.shape[1], dtype=torch.bool, device=mask.device)
+        mask = mask[:, None, None, :] & causal.tril()                      # [R, 1, L, L]
+    if mask.dim() == 4 and impl == "eager":                 # eager adds the mask: 0 or -inf
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(
             ~mask, torch.finfo(torch.float32).min)
     logits = model(input_ids=batch["input_ids"], attention_mask=mask,
@@ -265,10 +268,21 @@ def policy_logps(model, batch):
     return response_logps(scores, batch["targets"], batch["lengths"], batch["longest"])   # Eq. 3
 
 
+def pinned(batch):
+    """The batch in page-locked memory (a step ahead, in train.py's thread): a copy to the GPU from
+    pageable memory would first wait for everything queued on the GPU."""
+    return tensors(batch, torch.Tensor.pin_memory)
+
+
 def to_device(batch, device):
-    """The batch's tensors on `device`, copied without waiting for the GPU."""
-    move = lambda v: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-    return {k: tuple(map(move, v)) if isinstance(v, tuple) else move(v) for k, v in batch.items()}
+    """The batch's tensors on `device`, copied without waiting for the GPU once pinned."""
+    return tensors(batch, lambda v: v.to(device, non_blocking=True))
+
+
+def tensors(batch, fn):
+    """The batch with fn applied to each tensor (`predict` is a pair of them)."""
+    apply = lambda v: fn(v) if torch.is_tensor(v) else v
+    return {k: tuple(map(apply, v)) if isinstance(v, tuple) else apply(v) for k, v in batch.items()}
 
 
 # ---- sampling ------------------------------------------------------------------------------------

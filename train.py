@@ -260,8 +260,9 @@ def validate(cfg, model, samples, tokenizer, rank, world, device):
 # ---- the run -------------------------------------------------------------------------------------
 
 def batch_of(cfg, tokenizer, samples):
-    return data.make_batch(tokenizer, samples, cfg.max_len, cfg.max_prompt_len, cfg.share_prompt,
-                           cfg.pack and cfg.pack_len)
+    batch = data.make_batch(tokenizer, samples, cfg.max_len, cfg.max_prompt_len, cfg.share_prompt,
+                            cfg.pack and cfg.pack_len)
+    return data.pinned(batch) if torch.cuda.is_available() else batch   # copied without a wait
 
 
 def steps_of_batches(cfg, samples, tokenizer, start, world, rank):

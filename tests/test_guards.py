@@ -376,13 +376,31 @@ def test_compile_keeps_activation_checkpointing(tiny, tokenizer, one_process, mo
     assert counts == {False: layers, True: layers}
 
 
-def test_a_micro_batch_never_waits_for_the_device(tiny, tokenizer, one_process, monkeypatch):
+def test_batches_for_a_gpu_are_pinned_where_they_are_made(tiny, tokenizer, monkeypatch):
+    """A non-blocking copy from pageable memory first waits for the GPU's queue: before, every
+    micro-batch's copy did. Each tensor is pinned in the thread that tokenizes a step ahead."""
+    pinned = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self)
+    cfg = train.Config(model=tiny["base"], batch_size=2, global_batch=2)
+    steps = train.steps_of_batches(cfg, tiny["dev_samples"][:4], tokenizer, 0, 1, 0)
+    _, _, [batch] = next(steps)
+    steps.close()
+    leaves = [v for value in batch.values()
+              for v in (value if isinstance(value, tuple) else (value,)) if torch.is_tensor(v)]
+    assert len(leaves) >= 10 and all(any(v is p for p in pinned) for v in leaves)
+
+
+@pytest.mark.parametrize("share_prompt, pack_len", [(True, 1024), (True, None), (False, None)],
+                         ids=["packed", "no-pack", "no-share-prompt"])
+def test_a_micro_batch_never_waits_for_the_device(tiny, tokenizer, one_process, monkeypatch,
+                                                  share_prompt, pack_len):
     """Forward and backward of a micro-batch convert no tensor to a Python value (on a GPU each would
-    wait for it: int(cols.min()), int(lengths.max()) and nonzero().tolist() did); the step's one wait
-    is its vote."""
-    cfg, model, _ = build(tiny)
-    batch = data.to_device(data.make_batch(tokenizer, tiny["dev_samples"][:4], 128, 64, True, 1024),
-                           torch.device("cpu"))
+    wait for it: int(cols.min()), int(lengths.max()) and nonzero().tolist() did, and transformers'
+    padding_mask.all() on --no-share-prompt's [R, L] mask did); the step's one wait is its vote."""
+    cfg, model, _ = build(tiny, share_prompt=share_prompt)
+    batch = data.to_device(data.make_batch(tokenizer, tiny["dev_samples"][:4], 128, 64, share_prompt,
+                                           pack_len), torch.device("cpu"))
     waits = []
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
         original = getattr(torch.Tensor, name)
