@@ -65,8 +65,9 @@ ARCHS = {   # random-weight LlamaConfigs, so that nothing needs a download
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                      max_position_embeddings=2048, tie_word_embeddings=False),
 }
-PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989),  # dense bf16,
-               ("H800", 989), ("A100", 312), ("A800", 312), ("L40S", 362)]         # first match
+PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200 NVL", 835),
+               ("H200", 989), ("H800", 989), ("A100", 312), ("A800", 312),   # dense bf16,
+               ("L40S", 362)]                                                 # first match
 # what each variant computes: (share the prompt, pack the prompts into rows); lm: a bare causal-LM
 # step
 VARIANTS = {"lm": (False, False), "clha_rows": (False, False), "clha_prompts": (True, False),

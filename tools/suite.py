@@ -47,7 +47,7 @@ import train
 from data import UserError
 
 # --e2e's rows, in order, and each one's timeout in seconds (of a GPU's; a CPU takes 5-25 s a row)
-E2E_ROWS = {"train": 75, "train_2gpu": 60, "resume": 100, "evaluate": 45, "gradients": 50,
+E2E_ROWS = {"train": 75, "train_2gpu": 60, "resume": 150, "evaluate": 45, "gradients": 90,
             "offload": 50}
 
 E2E_MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -305,7 +305,7 @@ def e2e_resume(row, assets, reference):
     if not kept:
         why = f"the run ended (exit status {ended})" if ended is not None else "the time ran out"
         raise RowFailed(f"no checkpoint appeared: {why}", row.tail())
-    if os.path.exists(os.path.join(out, "final")):
+    if os.path.exists(os.path.join(out, "final")) or kept[-1] >= E2E_STEPS:
         raise RowFailed("the run finished before the kill: nothing was resumed")
     row.run(args + ["--resume"])
     losses, final = logged_losses(out), os.path.join(out, "final")
@@ -439,19 +439,26 @@ def e2e_gradients(cfg):
                     "loss": loss, "grads": len(grads), "grads_finite": finite,
                     "trigger_grad_q_finite": trigger_finite, "trigger_backends": trigger_ran}
         result = {"L": batch["input_ids"].shape[1], "rows": batch["input_ids"].shape[0],
-                  "head_dim": dim, "dtype": tcfg.dtype, "as_train_py": attempt()}
+                  "head_dim": dim, "dtype": tcfg.dtype, "as_train_py": attempt(),
+                  "cudnn_allowed": "skipped: no CUDA"}
+        print("RESULT " + json.dumps(result), flush=True)   # printed now, should what follows fault
         if device.type == "cuda":                  # for information: train.py does not allow it
+            from torch.nn.attention import SDPBackend, sdpa_kernel
             was = torch.backends.cuda.cudnn_sdp_enabled()
             torch.backends.cuda.enable_cudnn_sdp(True)
+            # cuDNN first, as torch orders it on H100/H200 with a recent cuDNN (else it may not
+            # run at all)
+            first = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
             try:
-                result["cudnn_allowed"] = attempt()
+                with sdpa_kernel(first, set_priority=True):
+                    result["cudnn_allowed"] = attempt()
             except Exception as e:
                 result["cudnn_allowed"] = f"error: {type(e).__name__}: {e}"[:300]
             finally:
                 torch.backends.cuda.enable_cudnn_sdp(was)
-        else:
-            result["cudnn_allowed"] = "skipped: no CUDA"
-        print("RESULT " + json.dumps(result), flush=True)
+            result["cudnn_version"] = torch.backends.cudnn.version()
+            print("RESULT " + json.dumps(result), flush=True)
+            os._exit(0)           # after a CUDA fault, tearing the process group down can hang
     finally:
         dist.destroy_process_group()
 
@@ -462,30 +469,36 @@ def e2e_offload(cfg):
     rounds every block up to a power of two) against the fp32 shards and their gradients, which
     FSDP2 pins."""
     assets, built, build = read_assets(cfg.e2e_dir), [], train.build_model
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # peak so far
 
-    def keep(*args, **kwargs):                             # the model train.main builds, to count
-        built.append(build(*args, **kwargs))
-        return built[-1]
+    def keep(*args, **kwargs):      # the model train.main builds, to count; CUDA has started
+        built.append((rss(), build(*args, **kwargs)))
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_host_memory_stats()         # the batches pinned so far too
+        return built[-1][1]
     train.build_model = keep
     train.main(e2e_train_args(assets, os.path.join(cfg.e2e_dir, "offload"), "--cpu-offload",
                               "--max-steps", "2"))
     if int(os.environ.get("RANK", "0")):
         return
-    shards = [p.to_local() for p in built[0].parameters()]
+    before, model = built[0]
+    shards = [p.to_local() for p in model.parameters()]
     shard_bytes = sum(s.numel() * s.element_size() for s in shards)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = {"steps": 2, "peak_rss_gb": round(peak_rss / 2**30, 3),
+    result = {"steps": 2, "peak_rss_gb": round(rss() / 2**30, 3),
+              "rss_before_model_gb": round(before / 2**30, 3),     # the CUDA context, libraries
               "shards_on_host": all(s.device.type == "cpu" for s in shards),
               "shard_mb": round(shard_bytes / 2**20, 3)}
     if torch.cuda.is_available():
-        stats, mb = torch.cuda.memory.host_memory_stats(), lambda n: round(n / 2**20, 3)
+        stats = torch.cuda.memory.host_memory_stats()
+        mb = lambda key: round(stats[key] / 2**20, 3) if key in stats else f"no {key} here"
         rounded = sum(1 << max(s.untyped_storage().nbytes() - 1, 0).bit_length() for s in shards)
         result["pinned"] = {"shards_pinned": all(s.is_pinned() for s in shards),
-                            "allocated_peak_mb": mb(stats.get("allocated_bytes.peak", 0)),
-                            "active_peak_mb": mb(stats.get("active_bytes.peak", 0)),
-                            "shards_rounded_up_mb": mb(rounded),
+                            "allocated_peak_mb": mb("allocated_bytes.peak"),
+                            "active_peak_mb": mb("active_bytes.peak"),
+                            "shards_rounded_up_mb": round(rounded / 2**20, 3),
                             "allocated_over_shards_and_grads": round(
-                                stats.get("allocated_bytes.peak", 0) / (2 * shard_bytes), 3)}
+                                stats["allocated_bytes.peak"] / (2 * shard_bytes), 3)
+                            if "allocated_bytes.peak" in stats else None}
     else:
         result["pinned"] = "skipped: no CUDA"
     print("RESULT " + json.dumps(result), flush=True)
@@ -650,6 +663,7 @@ def suite(cfg, variants, step_table, environment):
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
     host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     rows = [(paper + ["--variant", v], 120) for v in variants]               # (argv, timeout)
+    rows.append((["--generate", "--arch", "llama-1b"], 120))
     seven_b = ["--arch", "llama-7b", "--batch-size", "2", "--k", "2", "--max-len", "512",
                "--steps", "3", "--variant", "clha_packed"]
     if gpu_gb >= 120:
@@ -659,16 +673,15 @@ def suite(cfg, variants, step_table, environment):
     else:
         print(f"skipping LLaMA-7B: {gpu_gb:.0f} GB of GPU and {host_gb:.0f} GB of host memory "
               "hold less than its 108 GB of fp32 weights, gradients and AdamW state")
-    rows.append((["--generate", "--arch", "llama-1b"], 120))
     rows += [(paper + ["--variant", v, "--no-activation-checkpointing"], 120) for v in variants]
     rows.append((paper + ["--variant", "clha_packed", "--compile"], 240))
     results, failed = [], sum(r["status"] == "failed" for r in e2e_results)
     peak = [f"--peak-tflops={cfg.peak_tflops}"] if cfg.peak_tflops else []
     for argv, timeout in rows:
         left = deadline - time.monotonic()
-        if left < 30:
-            print(f"skipped (--suite-budget-s {cfg.suite_budget_s} is spent): {' '.join(argv)}",
-                  flush=True)
+        if left < max(30, 0.6 * timeout):     # cut short, a row would only fail: not started
+            print(f"skipped ({left:.0f} s of --suite-budget-s {cfg.suite_budget_s} left, the row "
+                  f"may take {timeout} s): {' '.join(argv)}", flush=True)
             continue
         try:
             results += run_bounded(argv + peak, int(min(timeout, left)))
