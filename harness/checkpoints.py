@@ -18,8 +18,9 @@ skipped for the newest intact one. It refuses other settings or other inputs
 
 What is trusted: nothing in a checkpoint runs code. Its tensors are read as tensors; the one pickle
 DCP writes (.metadata, the index of the shards) is read by an unpickler that builds DCP's own index
-classes and refuses anything else, and must list tensors only; AdamW's hyperparameters are not stored (they are the flags, which
-a resume must repeat). The hashes detect damage, not an attacker who rewrites meta.json too.
+classes and refuses anything else, and must list tensors only; AdamW's hyperparameters are not
+stored (they are the flags, which a resume must repeat). The hashes detect damage, not an attacker
+who rewrites meta.json too.
 """
 
 import dataclasses
@@ -294,7 +295,8 @@ def load(candidates, model, optimizer, rank, log=print):
             problem = None
         except (CheckpointException, OSError, RuntimeError, pickle.UnpicklingError,
                 EOFError) as e:
-            e = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+            e = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) \
+                and e.failures else e
             problem = f"unreadable: {' '.join(str(e).split())[:200]}"    # a rank's own error
         problems = [None] * dist.get_world_size()
         dist.all_gather_object(problems, problem)
@@ -340,7 +342,8 @@ class SafeReader(dcp.FileSystemReader):
 
 
 class TensorsOnly(dcp.DefaultLoadPlanner):
-    """DCP's planner, which would read a non-tensor entry with torch.load's full unpickler: never."""
+    """DCP's planner, but a non-tensor entry, which DCP reads with torch.load's full unpickler, is
+    refused."""
 
     def load_bytes(self, read_item, value):
         raise pickle.UnpicklingError(f"{read_item.dest_index.fqn} is not a tensor: refused")
