@@ -443,24 +443,28 @@ def e2e_gradients(cfg):
                   "cudnn_allowed": "skipped: no CUDA"}
         print("RESULT " + json.dumps(result), flush=True)   # printed now, should what follows fault
         if device.type == "cuda":                  # for information: train.py does not allow it
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            was = torch.backends.cuda.cudnn_sdp_enabled()
-            torch.backends.cuda.enable_cudnn_sdp(True)
-            # cuDNN first, as torch orders it on H100/H200 with a recent cuDNN (else it may not
-            # run at all)
-            first = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-            try:
-                with sdpa_kernel(first, set_priority=True):
-                    result["cudnn_allowed"] = attempt()
-            except Exception as e:
-                result["cudnn_allowed"] = f"error: {type(e).__name__}: {e}"[:300]
-            finally:
-                torch.backends.cuda.enable_cudnn_sdp(was)
+            result["cudnn_allowed"] = with_cudnn_first(attempt)
             result["cudnn_version"] = torch.backends.cudnn.version()
             print("RESULT " + json.dumps(result), flush=True)
             os._exit(0)           # after a CUDA fault, tearing the process group down can hang
     finally:
         dist.destroy_process_group()
+
+
+def with_cudnn_first(attempt):
+    """attempt() with cuDNN's attention allowed and tried first, as torch orders it on H100/H200
+    only with a recent cuDNN (else it may not run at all) -> its result, or the error it raised."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    first = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        with sdpa_kernel(first, set_priority=True):
+            return attempt()
+    except Exception as e:
+        return f"error: {type(e).__name__}: {e}"[:300]
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
 
 
 def e2e_offload(cfg):
