@@ -45,6 +45,18 @@ def build(tiny, **flags):
     return cfg, model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
+def unfinished(finished, out):
+    """A copy of the finished 6-step run at `out`, without its export, for a resume to step 6."""
+    shutil.copytree(finished[0], out)
+    shutil.rmtree(out / "final")
+
+
+def assert_final_is_uninterrupted(out, finished):
+    """The resumed run's export is the uninterrupted run's, bit for bit."""
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)
+
+
 # ---- nothing non-finite reaches the weights --------------------------------------------------------
 
 def test_a_diverging_run_stops_in_one_line_and_saves_nothing_non_finite(tiny, tmp_path, capsys):
@@ -112,15 +124,13 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_it_used(tiny, f
     """Before, only sizes were checked: flipped bytes resumed into NaN (AdamW's second moment went
     negative), and a cut RNG file or a zeroed shard was a traceback."""
     out = tmp_path / "run"
-    shutil.copytree(finished[0], out)
-    shutil.rmtree(out / "final")
+    unfinished(finished, out)
     damage(str(out / STEP6))
     capsys.readouterr()
     train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
     printed = capsys.readouterr().out
     assert re.search(rf"warning: --resume: .*step_0000006 is damaged \({reason}\)", printed), printed
-    resumed = load_file(str(out / "final" / "model.safetensors"))
-    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)   # from step 3, exactly
+    assert_final_is_uninterrupted(out, finished)   # from step 3, exactly
 
 
 def rewrite(path, model_state, optimizer_state, files=True):
@@ -140,8 +150,7 @@ def rewrite(path, model_state, optimizer_state, files=True):
 def test_a_resume_hashes_only_the_checkpoint_it_uses(tiny, finished, tmp_path, monkeypatch):
     """Before, every kept checkpoint was hashed before the newest was used (2 x 84 GB at 7B)."""
     out, hashed = tmp_path / "run", []
-    shutil.copytree(finished[0], out)
-    shutil.rmtree(out / "final")
+    unfinished(finished, out)
     sha256 = checkpoints.sha256
     monkeypatch.setattr(checkpoints, "sha256", lambda path: hashed.append(path) or sha256(path))
     train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
@@ -152,8 +161,7 @@ def test_a_checkpoint_whose_state_is_not_finite_is_skipped(tiny, finished, tmp_p
     """Shards with a NaN in AdamW's state, hashed as written (a state saved by a version without the
     finiteness check, or a kernel's NaN): the loaded state is checked, and the one before it used."""
     out = tmp_path / "run"
-    shutil.copytree(finished[0], out)
-    shutil.rmtree(out / "final")
+    unfinished(finished, out)
     train.init_distributed()
     try:
         cfg, model, optimizer = build(tiny)
@@ -167,16 +175,14 @@ def test_a_checkpoint_whose_state_is_not_finite_is_skipped(tiny, finished, tmp_p
     train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
     assert re.search(r"step_0000006 is damaged \(not finite\); the one before it is tried",
                      capsys.readouterr().out)
-    resumed = load_file(str(out / "final" / "model.safetensors"))
-    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)
+    assert_final_is_uninterrupted(out, finished)
 
 
 def test_a_checkpoint_written_by_the_previous_version_resumes(tiny, finished, tmp_path, capsys):
     """The previous version stored the whole optimizer state dict (its hyperparameters pickled into the
     shards) and no hashes. It resumes; its pickled parts are never read."""
     out = tmp_path / "run"
-    shutil.copytree(finished[0], out)
-    shutil.rmtree(out / "final")
+    unfinished(finished, out)
     train.init_distributed()
     try:
         cfg, model, optimizer = build(tiny)
@@ -190,8 +196,7 @@ def test_a_checkpoint_written_by_the_previous_version_resumes(tiny, finished, tm
     assert "damaged" not in capsys.readouterr().out                # step 6 itself was loaded
     steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
     assert steps == list(range(1, 7))                              # resumed at 6: nothing redone
-    resumed = load_file(str(out / "final" / "model.safetensors"))
-    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)
+    assert_final_is_uninterrupted(out, finished)
 
 
 # ---- nothing untrusted runs -------------------------------------------------------------------------
@@ -212,8 +217,7 @@ def test_a_pickle_planted_in_a_checkpoint_runs_nothing(tiny, finished, tmp_path,
     (and then trained and exported, exit 0). kept: its hash no longer matches; rewritten: whoever
     planted it also rewrote meta.json; none: a checkpoint of the previous version, without hashes."""
     out, marker = tmp_path / "run", tmp_path / "ran"
-    shutil.copytree(finished[0], out)
-    shutil.rmtree(out / "final")
+    unfinished(finished, out)
     index = out / STEP6 / ".metadata"
     index.write_bytes(pickle.dumps(Planted(marker)))
     meta = json.loads((out / STEP6 / "meta.json").read_text())
@@ -234,8 +238,7 @@ def test_a_non_tensor_entry_planted_in_a_checkpoint_runs_nothing(tiny, finished,
     command, with meta.json's hashes rewritten to match: DCP reads such an entry with torch.load's
     full unpickler, so before, the index's own check let it through and --resume ran the command."""
     out, marker = tmp_path / "run", tmp_path / "ran"
-    shutil.copytree(finished[0], out)
-    shutil.rmtree(out / "final")
+    unfinished(finished, out)
     folder = out / STEP6
     with open(folder / ".metadata", "rb") as f:
         index = pickle.load(f)
@@ -257,15 +260,13 @@ def test_a_non_tensor_entry_planted_in_a_checkpoint_runs_nothing(tiny, finished,
     assert not marker.exists()
     assert re.search(rf"step_0000006 is damaged \(unreadable: .*{re.escape(key)}.* refused",
                      capsys.readouterr().out)
-    resumed = load_file(str(out / "final" / "model.safetensors"))
-    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)
+    assert_final_is_uninterrupted(out, finished)
 
 
 def test_a_file_the_hashes_do_not_list_is_damage(tiny, finished, tmp_path, capsys):
     """meta.json's list of hashes emptied: before, nothing was checked and the index was read."""
     out = tmp_path / "run"
-    shutil.copytree(finished[0], out)
-    shutil.rmtree(out / "final")
+    unfinished(finished, out)
     meta = json.loads((out / STEP6 / "meta.json").read_text())
     meta["files"] = {}
     (out / STEP6 / "meta.json").write_text(json.dumps(meta))
@@ -273,16 +274,14 @@ def test_a_file_the_hashes_do_not_list_is_damage(tiny, finished, tmp_path, capsy
     train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
     assert re.search(r"step_0000006 is damaged \(.metadata is not among the files it recorded\)",
                      capsys.readouterr().out)
-    resumed = load_file(str(out / "final" / "model.safetensors"))
-    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)
+    assert_final_is_uninterrupted(out, finished)
 
 
 def test_planted_temporary_files_and_links_are_not_written_through(tiny, finished, tmp_path):
     """Names a run writes under for a moment, planted beforehand as links to a victim: the old code
     wrote log.jsonl.tmp and step_N.tmp/final.tmp through them; now each temporary name is made afresh."""
     out, victim = tmp_path / "run", tmp_path / "victim"
-    shutil.copytree(finished[0], out)
-    shutil.rmtree(out / "final")
+    unfinished(finished, out)
     shutil.rmtree(out / STEP6)                                   # the resumed run saves step 6 again
     victim.mkdir()
     (victim / "file").write_text("precious")
@@ -290,8 +289,7 @@ def test_planted_temporary_files_and_links_are_not_written_through(tiny, finishe
         os.symlink(victim / "file" if name.endswith("jsonl.tmp") else victim, out / name)
     train.main(train_args(tiny, out, "--max-steps", "6", "--dtype", "float32", "--resume"))
     assert sorted(os.listdir(victim)) == ["file"] and (victim / "file").read_text() == "precious"
-    resumed = load_file(str(out / "final" / "model.safetensors"))
-    assert all(torch.equal(resumed[name], finished[1][name]) for name in resumed)
+    assert_final_is_uninterrupted(out, finished)
 
 
 # ---- the GPU path, as far as a CPU can show it -------------------------------------------------------
