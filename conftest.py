@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import data
 from harness import flags
+from harness.files import write_jsonl
 from tools import demo
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""       # the tests run on the CPU, on any machine, in subprocesses too
@@ -108,8 +109,8 @@ def tiny(tmp_path_factory, tokenizer):
     paths = demo.make_demo_data(str(folder / "raw"), n_train=400, n_test=60, tie=0.0, flip=0.0, seed=1)
     train_samples = ranked(data.read_hh_rlhf(paths["train"])[0])
     dev_samples = ranked(data.read_hh_rlhf(paths["test"])[0])
-    data.write_jsonl(str(folder / "train.jsonl"), train_samples)
-    data.write_jsonl(str(folder / "dev.jsonl"), dev_samples)
+    write_jsonl(str(folder / "train.jsonl"), train_samples)
+    write_jsonl(str(folder / "dev.jsonl"), dev_samples)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

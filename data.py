@@ -1,9 +1,9 @@
 """HH-RLHF to ranked candidates, and the batches that train.py and evaluate.py share (Sec. 3.1).
 
-    python data.py --hh-dir hh-rlhf --out data/hh2    # train, dev, test/<subset> (.jsonl)
+    python tools/prepare_hh_rlhf.py --hh-dir hh-rlhf --out data/hh2   # the splits (Sec. 3.1)
 
-It prints what it read, skipped and wrote; hh-rlhf is Anthropic's repository. This file needs only
-clha_loss.py of ours. A sample is one JSON line per prompt (also the authors' format, gzip or not):
+This file needs only clha_loss.py of ours, so it copies alone (files are written whole by
+harness/files.py). A sample is one JSON line per prompt (also the authors' format, gzip or not):
     {"id": "harmless-base/test/17", "subset": "harmless-base",   # subset/split/line of the raw file
      "prompt": "\\n\\nHuman: ...\\n\\nAssistant:",  # the dialogue up to its last "Assistant:"
      "responses": ["...", "..."],              # K >= 2 candidate replies, best first once rescored
@@ -27,16 +27,11 @@ packed in one row (P, Q: the prompts; 1, 2: each one's candidates; . masked):
     . . . . . . Q . 2 2
 """
 
-import argparse
-import contextlib
 import functools
 import gzip
 import json
 import math
 import os
-import random
-import sys
-import tempfile
 import unicodedata
 import zlib
 from collections import Counter
@@ -47,7 +42,6 @@ from clha_loss import response_logps
 
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 ASSISTANT = "\n\nAssistant:"
-UMASK = os.umask(os.umask(0o022))                     # read once: the mode new files get here
 
 
 class UserError(ValueError):
@@ -56,23 +50,7 @@ class UserError(ValueError):
     in the lowest module that raises it, so that this file copies alone."""
 
 
-class Parser(argparse.ArgumentParser):
-    """Every script's command line: a mistake in it is a UserError, not argparse's usage text."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 # ---- tokenization --------------------------------------------------------------------------------
-
-def check_tokenizer(tokenizer, flag):
-    """What batching needs of a tokenizer: character offsets (a fast tokenizer) and an EOS token."""
-    if not tokenizer.is_fast:
-        raise UserError(f"{flag}: {type(tokenizer).__name__} is not a fast tokenizer; the prompt/"
-                        "response boundary needs its character offsets")
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"{flag}: the tokenizer has no EOS token, which ends every whole response")
-
 
 def special_prefix(tokenizer):
     """The ids the tokenizer itself puts before a text: BOS for LLaMA-1/2/3 and Mistral, nothing for
@@ -235,19 +213,6 @@ def make_batch(tokenizer, samples, max_len=512, max_prompt_len=384, share_prompt
         [(prompt, [(response, 0)]) for e in encoded for prompt, response in e]
     return collate(groups, samples, pad_id(tokenizer), share_prompt,
                    pack_len if share_prompt else None)
-
-
-def check_layout(config, max_len, flag="--model"):
-    """The shared-prompt layouts' own [R, 1, L, L] mask: sdpa and eager take it; flash attention
-    would ignore it, and the mask would not apply a sliding window shorter than a sequence."""
-    impl, window = config._attn_implementation, getattr(config, "sliding_window", None)
-    if impl not in ("sdpa", "eager"):
-        raise UserError(f"{flag}: its attention ({impl}) cannot take the shared-prompt mask: pass "
-                        "--no-share-prompt")
-    if window and max_len > window:
-        raise UserError(f"{flag}: its sliding window ({window}) is shorter than --max-len "
-                        f"{max_len}, which the shared-prompt mask would not apply: pass "
-                        "--no-share-prompt")
 
 
 def policy_logps(model, batch):
@@ -453,119 +418,6 @@ def _from_authors_format(obj, where):
             "sft_index": obj.get("sft_index", 0)}
 
 
-@contextlib.contextmanager
-def atomic_file(path):
-    """A binary file that replaces `path` whole when the block ends, or leaves it as it was: written
-    under a fresh temporary name (never through a file or link planted there), fsynced, renamed."""
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~UMASK)                  # as open() would make it, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
-
-
-def write_jsonl(path, samples):
-    """JSON lines, written atomically (gzipped if the name ends in .gz). A symlink is written
-    through: the file it points to is replaced."""
-    path = os.path.realpath(path)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_file(path) as raw, \
-                (gzip.GzipFile(fileobj=raw, mode="wb", filename="") if path.endswith(".gz")
-                 else contextlib.nullcontext(raw)) as f:
-            for s in samples:
-                f.write((json.dumps(s, ensure_ascii=False) + "\n").encode("utf-8"))
-    except OSError as e:
-        raise UserError(f"{path}: cannot write it ({e.strerror}); nothing was replaced, rerun once "
-                        "there is room") from None
-
-
-# ---- the paper's splits (Sec. 3.1) ---------------------------------------------------------------
-
-def build_splits(hh_dir, out_dir, dev_size=280, seed=0, extra=None):
-    """train = the four train files; dev = `dev_size` test samples drawn with `seed`; test = the
-    rest, per subset. Unlike the authors' code, dev is removed from test (the paper says
-    "partition"). `extra`: a file of more responses per prompt (HH-RLHF_3), see `add_responses`."""
-    if not os.path.isdir(hh_dir):
-        raise UserError(f"--hh-dir {hh_dir}: no such folder (a clone of "
-                        "github.com/anthropics/hh-rlhf)")
-    paths = [os.path.join(hh_dir, subset, f"{split}.jsonl.gz") for subset in SUBSETS
-             for split in ("train", "test")]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise UserError(f"--hh-dir {hh_dir}: {missing[0]} is missing (it needs the four subsets, "
-                        "train and test)")
-    train, tests = [], {}
-    for path in paths:
-        subset, split = path.split(os.sep)[-2], os.path.basename(path).split(".")[0]
-        samples, skipped = read_hh_rlhf(path, subset, split)
-        print(f"{path}: {len(samples)} samples, skipped {dict(skipped) or 'none'}")
-        (train.extend if split == "train" else tests.setdefault(subset, []).extend)(samples)
-    if extra:
-        train = add_responses(train, extra)
-        tests = {subset: add_responses(samples, extra) for subset, samples in tests.items()}
-    all_test = [s for subset in SUBSETS for s in tests[subset]]
-    if dev_size > len(all_test):
-        raise UserError(f"--dev-size {dev_size}: there are only {len(all_test)} test samples")
-    dev_ids = {s["id"] for s in random.Random(seed).sample(all_test, dev_size)}
-    write_jsonl(os.path.join(out_dir, "train.jsonl"), train)
-    write_jsonl(os.path.join(out_dir, "dev.jsonl"), [s for s in all_test if s["id"] in dev_ids])
-    for subset in SUBSETS:
-        write_jsonl(os.path.join(out_dir, "test", f"{subset}.jsonl"),
-                    [s for s in tests[subset] if s["id"] not in dev_ids])
-    print(f"wrote {out_dir}: train {len(train)}, dev {len(dev_ids)}, "
-          f"test {len(all_test) - len(dev_ids)}")
-
-
-def add_responses(samples, extra_path):
-    """Append the responses of `extra_path` (any sample file, matched by prompt text) that a sample
-    lacks, e.g. one ChatGPT reply per prompt for HH-RLHF_3. Samples that gain nothing are dropped
-    (and counted), so that every sample ends with the same K."""
-    extra = {}
-    for s in read_samples(extra_path, min_responses=1):
-        extra.setdefault(s["prompt"], []).extend(s["responses"])
-    out = []
-    for s in samples:
-        new = [r for r in dict.fromkeys(extra.get(s["prompt"], [])) if r not in s["responses"]]
-        if new:
-            out.append({**s, "responses": s["responses"] + new, "rewards": None})
-    print(f"{extra_path}: added responses to {len(out)} of {len(samples)} samples, "
-          "dropped the rest")
-    return out
-
-
-def main(argv=None):
-    flags = Parser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    flags.add_argument("--hh-dir", required=True, help="Anthropic's hh-rlhf folder (4 subsets)")
-    flags.add_argument("--out", required=True,
-                       help="folder: train.jsonl, dev.jsonl, test/<subset>.jsonl")
-    flags.add_argument("--dev-size", type=int, default=280, help="test samples moved to dev [>= 0]")
-    flags.add_argument("--seed", type=int, default=0, help="seed of the dev draw")
-    flags.add_argument("--extra", default="",
-                       help="a file of more responses per prompt (HH-RLHF_3)")
-    args = flags.parse_args(argv)
-    if args.dev_size < 0:
-        raise UserError(f"--dev-size {args.dev_size}: must be at least 0")
-    if args.extra and not os.path.isfile(args.extra):
-        raise UserError(f"--extra {args.extra}: no such file")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {args.out}: cannot create this folder ({e.strerror})") from None
-    build_splits(args.hh_dir, args.out, args.dev_size, args.seed, args.extra)
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:     # one line and status 2, as every script here reports a mistake
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+if __name__ == "__main__":     # the splits are made by tools/prepare_hh_rlhf.py: say so, not exit 0
+    raise SystemExit("error: data.py is a library; the splits: python tools/prepare_hh_rlhf.py "
+                     "--hh-dir hh-rlhf --out data/hh2")

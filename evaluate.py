@@ -40,11 +40,12 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import rescore
-from harness import files, fingerprints, flags, locks
+from harness import files, fingerprints, flags, locks, models
+from harness.files import write_jsonl
 from harness.flags import opt
-from harness.models import checkpoint_dir, from_pretrained
-from data import (UserError, check_layout, check_tokenizer, encode_prompt, make_batch, pad_id,
-                  policy_logps, read_samples, to_device, write_jsonl)
+from harness.models import check_layout, check_tokenizer, checkpoint_dir, from_pretrained
+from data import (UserError, encode_prompt, make_batch, pad_id, policy_logps, read_samples,
+                  to_device)
 
 STOP_STRINGS = ("Human:", "human:", "Assistant:", "assistant:")
 # what a run writes in --out
@@ -218,7 +219,7 @@ def run_share(todo, cfg, part, progress):
                           else "cpu")
     tokenizer = from_pretrained(AutoTokenizer, cfg.model, "--model")
     check_tokenizer(tokenizer, "--model")
-    policy = rescore.load_model(AutoModelForCausalLM, cfg.model, "--model", device, cfg.dtype)
+    policy = models.load_model(AutoModelForCausalLM, cfg.model, "--model", device, cfg.dtype)
     policy.generation_config = GenerationConfig()     # plain greedy, whatever the checkpoint ships
     if cfg.share_prompt:
         check_layout(policy.config, cfg.max_prompt_len + cfg.max_new_tokens)
@@ -301,11 +302,7 @@ def evaluate(cfg, progress=False):
         done = files.read_parts(part_files, keep=current(shas))
         settings_path = os.path.join(cfg.out, "settings.json")
         if files.read_parts(part_files):                        # records made by an earlier run
-            if not os.path.exists(settings_path):
-                raise UserError(f"--out {cfg.out}: its parts have no settings.json to say what "
-                                "made them; delete them")
-            fingerprints.check_settings(files.read_json(settings_path), settings,
-                                        f"--out {cfg.out}")
+            fingerprints.check_made_by(settings_path, settings, f"--out {cfg.out}")
         todo = [s for i, s in enumerate(samples) if i % world == rank and s["id"] not in done]
         locks.barrier()                                   # every rank has read before any appends
         if rank == 0:

@@ -6,19 +6,14 @@ and Eq. 1.
     torchrun --nproc_per_node 8 rescore.py ...         # the same, each rank scores 1/8
     python rescore.py --train-reward-model --base CKPT --data TRAIN.jsonl [--dev DEV.jsonl] --out RM
 
-Scoring prints its config, a progress bar, then Fig. 1's noise statistics: the share of pairs where
-the reward model disagrees with the human order, of pairs within --reward-gap (Eq. 5's k = 1: the
-loss ignores them), of prompts whose SFT target has reward <= 0 (Eq. 7's SFT term is off), and the
-reward quartiles; --keep-human-order keeps the human order ("w/o Rescore"). Training (Eq. 1) prints
-the loss every 50 steps and the held-out pairwise accuracy. Scoring holds OUT.lock (a second run
-on the same --out is refused), checks every prompt against the reward model's input format before
-its weights load, and resumes: finished samples are appended to OUT.part<rank>, beside
-OUT.settings.json (the reward model, the input's SHA-256, dtype, max length); a rerun with the same
-settings skips them, one with others is refused (checkpoint.py).
+Scoring prints Fig. 1's noise statistics (see `merge`); --keep-human-order keeps the human order
+("w/o Rescore"). It holds OUT.lock, checks every prompt against the reward model's input format
+before its weights load, and resumes from OUT.part<rank> when OUT.settings.json says that the same
+model, input and settings made them. Training (Eq. 1) prints its loss and the held-out pairwise
+accuracy. OpenAssistant's reward model class is in harness/models.py: no remote code runs.
 """
 
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -28,49 +23,13 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
-                          GPTNeoXConfig, GPTNeoXModel, GPTNeoXPreTrainedModel)
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import data
-from harness import files, fingerprints, flags, locks
+from harness import files, fingerprints, flags, locks, models
 from harness.flags import opt
 from harness.models import checkpoint_dir, from_pretrained
 from data import UserError
-
-# ---- the OpenAssistant reward models -------------------------------------------------------------
-# The paper's: GPT-NeoX models of type gpt_neox_reward_model, which stock transformers cannot load;
-# importing this module registers them.
-
-class GPTNeoXRewardConfig(GPTNeoXConfig):
-    model_type = "gpt_neox_reward_model"
-    pooling: str = "last"          # the hidden state of the last attended token goes to the head
-
-
-class GPTNeoXRewardModel(GPTNeoXPreTrainedModel):
-    """GPT-NeoX and a linear head on one pooled hidden state, weights named as OpenAssistant's."""
-    config_class = GPTNeoXRewardConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        if config.pooling != "last":   # OpenAssistant also trained "mean"; the paper's two: "last"
-            raise ValueError(f"pooling {config.pooling!r} is not supported: only 'last'")
-        self.gpt_neox = GPTNeoXModel(config)
-        self.out_proj = torch.nn.Linear(config.hidden_size, 1)
-        self.post_init()
-
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        out = self.gpt_neox(input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = out.last_hidden_state                                                   # [N, T, H]
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask     # [N, T]
-        last = mask.long().cumsum(1).argmax(1)  # [N] where the attended count first peaks: the last
-        pooled = hidden[torch.arange(len(hidden), device=hidden.device), last]              # [N, H]
-        return SequenceClassifierOutput(logits=self.out_proj(pooled))                       # [N, 1]
-
-
-# exist_ok: `python rescore.py` runs as __main__, and a module it imports may import `rescore` again
-AutoConfig.register("gpt_neox_reward_model", GPTNeoXRewardConfig, exist_ok=True)
-AutoModelForSequenceClassification.register(GPTNeoXRewardConfig, GPTNeoXRewardModel, exist_ok=True)
 
 # ---- input formats -------------------------------------------------------------------------------
 
@@ -137,22 +96,12 @@ def reward_format(path, flag="--reward-model", **config_kwargs):
     return config, tokenizer, format_for(config, tokenizer)
 
 
-def load_model(loader, path, flag, device, dtype, **kwargs):
-    """loader.from_pretrained(path) in `dtype` on `device`, in eval mode, running no code of the
-    folder. Weights go straight to a GPU only through device_map, which needs accelerate; without
-    it, each process first builds the whole model in host memory (8 x 27 GB for LLaMA-7B, fp32)."""
-    device = torch.device(device)
-    placed = {"device_map": {"": device}} if device.type != "cpu" and importlib.util.find_spec(
-        "accelerate") else {}
-    model = from_pretrained(loader, path, flag, dtype=getattr(torch, dtype), **placed, **kwargs)
-    return model.to(device).eval()
-
-
 def load_reward_model(path, device="cpu", dtype="float32", flag="--reward-model"):
     """-> (model, tokenizer, format_fn) for any AutoModelForSequenceClassification with one output,
     in `dtype` (OpenAssistant's configs say float16; the authors ran them in float32)."""
     config, tokenizer, format_fn = reward_format(path, flag)
-    model = load_model(AutoModelForSequenceClassification, path, flag, device, dtype, config=config)
+    model = models.load_model(AutoModelForSequenceClassification, path, flag, device, dtype,
+                              config=config)
     return model, tokenizer, format_fn
 
 
@@ -316,13 +265,9 @@ def read_scored(out, K):
 def finished(out, settings, K):
     """{id: rewards} that earlier runs on `out` finished, if they had these settings and input."""
     done = read_scored(out, K)[1]
-    if not done:
-        return done
-    if not os.path.exists(out + ".settings.json"):
-        raise UserError(f"--out {out}: its part files have no {out}.settings.json to say what "
-                        "made them; delete them")
-    fingerprints.check_settings(files.read_json(out + ".settings.json"), settings,
-                                f"--out {out} (its part files)")
+    if done:
+        fingerprints.check_made_by(out + ".settings.json", settings,
+                                   f"--out {out} (its part files)")
     for id_, rewards in done.items():
         if id_ not in K:                        # read_scored checked the count of the others
             raise UserError(f"--out {out}: id {id_!r} with {len(rewards)} rewards in its part "
@@ -338,7 +283,7 @@ def merge(out, samples, keep_human_order, sft_human_chosen, reward_gap):
     if missing:
         raise RuntimeError(f"{len(missing)} samples were not scored, e.g. {missing[0]!r}")
     rescored = [rerank(s, done[s["id"]], keep_human_order, sft_human_chosen) for s in samples]
-    data.write_jsonl(out, rescored)
+    files.write_jsonl(out, rescored)
     for path in parts + [out + ".settings.json"]:
         os.remove(path)
     stats = noise_stats([done[s["id"]] for s in samples],

@@ -27,7 +27,8 @@ import clha_loss
 import data
 from data import UserError
 from harness import checkpoints, files, fingerprints, flags, models
-from tools import benchmark, demo
+from harness.files import write_jsonl
+from tools import benchmark, demo, prepare_hh_rlhf
 import evaluate
 import rescore
 import train
@@ -305,7 +306,7 @@ def test_sample_files_and_authors_format(tmp_path):
            [(s["prompt"], s["responses"], s["subset"]) for s in ours]
     assert theirs[0]["rewards"] == [1.5, -0.5]
     # our format round-trips; a bad line names file and line
-    data.write_jsonl(str(tmp_path / "ours.jsonl"), ours)
+    write_jsonl(str(tmp_path / "ours.jsonl"), ours)
     assert data.read_samples(str(tmp_path / "ours.jsonl")) == ours
     bad = dict(ours[0], rewards=[1.0])
     write_lines(tmp_path / "bad.jsonl", [json.dumps(ours[0] | {"id": "x"}), json.dumps(bad)])
@@ -321,7 +322,7 @@ def test_splits_and_extra_responses(tmp_path):
             (tmp_path / "hh" / subset).mkdir(parents=True, exist_ok=True)
             with gzip.open(tmp_path / "hh" / subset / f"{split}.jsonl.gz", "wt") as f:
                 f.write("\n".join(lines) + "\n")
-    data.build_splits(str(tmp_path / "hh"), str(tmp_path / "out"), dev_size=40, seed=1)
+    prepare_hh_rlhf.build_splits(str(tmp_path / "hh"), str(tmp_path / "out"), dev_size=40, seed=1)
     train_samples = data.read_samples(str(tmp_path / "out" / "train.jsonl"))
     dev = data.read_samples(str(tmp_path / "out" / "dev.jsonl"))
     tests = {s: data.read_samples(str(tmp_path / "out" / "test" / f"{s}.jsonl")) for s in data.SUBSETS}
@@ -331,12 +332,12 @@ def test_splits_and_extra_responses(tmp_path):
     assert all(s["id"].startswith(subset) for subset, t in tests.items() for s in t)
     # HH-RLHF_3: a third response from another file, matched by prompt; unmatched samples are dropped
     extra = [dict(s, id=f"x{i}", responses=["yes", "maybe"]) for i, s in enumerate(train_samples[:5])]
-    data.write_jsonl(str(tmp_path / "extra.jsonl"), extra)
-    three = data.add_responses(train_samples, str(tmp_path / "extra.jsonl"))
+    write_jsonl(str(tmp_path / "extra.jsonl"), extra)
+    three = prepare_hh_rlhf.add_responses(train_samples, str(tmp_path / "extra.jsonl"))
     assert [s["responses"] for s in three] == [["yes", "no", "maybe"]] * 5
     # the usual extra file: one reply per prompt, e.g. ChatGPT's
-    data.write_jsonl(str(tmp_path / "one.jsonl"), [dict(s, responses=["maybe"]) for s in extra])
-    assert data.add_responses(train_samples, str(tmp_path / "one.jsonl")) == three
+    write_jsonl(str(tmp_path / "one.jsonl"), [dict(s, responses=["maybe"]) for s in extra])
+    assert prepare_hh_rlhf.add_responses(train_samples, str(tmp_path / "one.jsonl")) == three
 
 
 def test_sampling_ranks_resume_and_seed():
@@ -501,12 +502,12 @@ def test_bad_setups_fail_before_training(tiny, tmp_path):
     fails(r"--train .*nope.jsonl: no such file", "--train", str(tmp_path / "nope.jsonl"))
     fails(r"--global-batch 7 is not a multiple of --batch-size 2", "--global-batch", "7")
     three = [dict(samples[0], responses=samples[0]["responses"] + ["Maybe."], rewards=[1.0, 0.0, -1.0])] + samples[1:]
-    data.write_jsonl(str(tmp_path / "three.jsonl"), three)
+    write_jsonl(str(tmp_path / "three.jsonl"), three)
     fails(r"three.jsonl: sample raw/train/2 has 2 responses, the first has 3", "--train", str(tmp_path / "three.jsonl"))
-    data.write_jsonl(str(tmp_path / "raw.jsonl"), [dict(s, rewards=None) for s in samples])
+    write_jsonl(str(tmp_path / "raw.jsonl"), [dict(s, rewards=None) for s in samples])
     fails(r"has no rewards: run rescore.py on it first, or pass --no-rescore", "--train", str(tmp_path / "raw.jsonl"))
     fails(r"--max-len 128 with --max-prompt-len 120 leaves 8 tokens for a response", "--max-prompt-len", "120")
-    data.write_jsonl(str(tmp_path / "human.jsonl"), [dict(s, rewards=s["rewards"][::-1]) for s in samples])
+    write_jsonl(str(tmp_path / "human.jsonl"), [dict(s, rewards=s["rewards"][::-1]) for s in samples])
     fails(r"human.jsonl: sample \S+ is not sorted by reward, best first", "--train", str(tmp_path / "human.jsonl"))
     fails(r"--save-every 0: must be at least 1", "--save-every", "0")
     with pytest.raises(UserError, match="invalid float value: 'none'"):   # "none" is for --reward-gap, --alpha
@@ -663,7 +664,7 @@ def fake_scorer(table, calls=None, crash_at_call=None):
 
 def test_rescore_file_reranks_and_reports(tmp_path, monkeypatch, capsys):
     samples = [rm_sample("a", ["bad", "good"]), rm_sample("b", ["bad", "good", "meh"], sft_index=2)]
-    data.write_jsonl(str(tmp_path / "in.jsonl"), samples)
+    write_jsonl(str(tmp_path / "in.jsonl"), samples)
     scorer = fake_scorer({"good": 4.0, "bad": -1.0, "meh": 3.5})
     stats = rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), score_fn=scorer)
     out = data.read_samples(str(tmp_path / "out.jsonl"))
@@ -685,7 +686,7 @@ def test_resume_after_a_crash(tmp_path, monkeypatch):
     responses = [f"reply {n}" for n in range(40)]
     table = {r: float(n % 7) - 3 for n, r in enumerate(responses)}
     samples = [rm_sample(f"s{n}", responses[2 * n:2 * n + 2]) for n in range(20)]
-    data.write_jsonl(str(tmp_path / "in.jsonl"), samples)
+    write_jsonl(str(tmp_path / "in.jsonl"), samples)
     rescore.rescore_file("fake", str(tmp_path / "in.jsonl"), str(tmp_path / "whole.jsonl"), batch_size=1,
                          score_fn=fake_scorer(table))
 
@@ -717,7 +718,7 @@ def test_errors_name_the_file_and_line(tmp_path):
     (tmp_path / "in.jsonl").write_text(json.dumps(rm_sample("x", ["a", "b"])) + "\n{broken\n")
     with pytest.raises(UserError, match=r"in.jsonl:2"):
         rescore_()
-    data.write_jsonl(str(tmp_path / "in.jsonl"), [rm_sample("x", ["a", "b"]), rm_sample("y", ["a", "b"])])
+    write_jsonl(str(tmp_path / "in.jsonl"), [rm_sample("x", ["a", "b"]), rm_sample("y", ["a", "b"])])
     settings = {"--reward-model": fingerprints.fingerprint("fake"),
                 "--data": fingerprints.fingerprint(str(tmp_path / "in.jsonl")), "--max-length": 1024, "--dtype": "float32"}
     (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(settings))
@@ -745,7 +746,7 @@ def rm_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     paths = demo.make_demo_data(str(root / "raw"), n_train=300, n_test=100, flip=0, tie=0, seed=1)
     for split in ("train", "test"):
-        data.write_jsonl(str(root / f"{split}.jsonl"), data.read_hh_rlhf(paths[split], "demo", split)[0])
+        write_jsonl(str(root / f"{split}.jsonl"), data.read_hh_rlhf(paths[split], "demo", split)[0])
     samples = data.read_samples(str(root / "train.jsonl"))
     tokenizer = demo.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]],
                                      str(root / "base"), vocab_size=400)
@@ -801,7 +802,7 @@ def test_torchrun_two_processes_match_one(oa_checkpoint, tmp_path):
     replies = ["Mix flour.", "Sure! First boil some water.", "No.", "I am not sure, sorry.", "Bake it.", "Why?"]
     samples = [rm_sample(f"s{n}", [replies[n % 6], replies[(n + 1) % 6], replies[(n + 3) % 6]][:2 + n % 2])
                for n in range(7)]                                   # K = 2 and K = 3 mixed
-    data.write_jsonl(str(tmp_path / "in.jsonl"), samples)
+    write_jsonl(str(tmp_path / "in.jsonl"), samples)
     one = rescore.rescore_file(oa_checkpoint[0], str(tmp_path / "in.jsonl"), str(tmp_path / "one.jsonl"), batch_size=2)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -842,7 +843,7 @@ def env(tmp_path_factory):
         for n, s in enumerate(part):
             s.update(id=f"{subset}/test/{n}", subset=subset)
         files.append(str(tmp / f"{subset}.jsonl"))
-        data.write_jsonl(files[-1], part)
+        write_jsonl(files[-1], part)
     config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1,
                   eos_token_id=2, pad_token_id=3, initializer_range=0.3)   # wide weights: peaked, varied greedy output

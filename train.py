@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM
 import data
 from clha_loss import clha_objective
 from data import UserError
-from harness import checkpoints, flags, locks, logs, preflight, stopping
+from harness import checkpoints, flags, locks, logs, models, preflight, stopping
 from harness.flags import opt
 from harness.models import from_pretrained, parameters_on_meta
 
@@ -147,7 +147,7 @@ def build_model(cfg, config, device, rank, weights=True):
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if cfg.share_prompt:
-        data.check_layout(model.config, cfg.max_len)
+        models.check_layout(model.config, cfg.max_len)
     buffers = dict(model.named_buffers())                          # real values, from the modules
     apply_fsdp(model, getattr(torch, cfg.dtype), cfg.activation_checkpointing, cfg.cpu_offload,
                cfg.compile)

@@ -2,7 +2,9 @@
 
     flags.py         every script's flags from its Config dataclass; a mistake: one line, exit 2
     models.py        loading a checkpoint or tokenizer: a bad one is one line, and no code runs
-    files.py         files written whole or not at all; JSON; rescore's and evaluate's part files
+                     (OpenAssistant's reward model is defined here); what the layouts need of them
+    files.py         files written whole or not at all (samples, JSON); rescore's and evaluate's
+                     part files
     locks.py         one run per output (an OS lock), and the ranks of rescore.py and evaluate.py
     fingerprints.py  what an input was (a file's contents, a model folder's, a hub revision)
     preflight.py     train.py's checks before the model loads: flags, data, tokenizer, what Eq. 5

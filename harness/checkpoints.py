@@ -42,8 +42,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from data import UserError, atomic_file
-from harness.files import read_json
+from data import UserError
+from harness.files import atomic_file, read_json
 from harness.fingerprints import check_settings
 # train.py flags a resumed run may change: where and how often it reports, how the same global batch
 # is split, and how the same arithmetic is laid out. Any other change would alter the data order or

@@ -1,4 +1,5 @@
-"""Files written whole or not at all, and the resumable part files of rescore.py and evaluate.py.
+"""Files written whole or not at all (samples, settings, results), and the resumable part files of
+rescore.py and evaluate.py.
 
     OUT.part<rank>   finished records, appended and flushed one batch at a time by each rank; a
                      rerun skips them, and rank 0 merges everything in input order
@@ -7,10 +8,50 @@ A write the filesystem refuses is one line that says what was kept.
 """
 
 import contextlib
+import gzip
 import json
 import os
+import tempfile
 
-from data import UserError, atomic_file
+from data import UserError
+
+UMASK = os.umask(os.umask(0o022))                     # read once: the mode new files get here
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """A binary file that replaces `path` whole when the block ends, or leaves it as it was: written
+    under a fresh temporary name (never through a file or link planted there), fsynced, renamed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~UMASK)                  # as open() would make it, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+def write_jsonl(path, samples):
+    """JSON lines, written atomically (gzipped if the name ends in .gz). A symlink is written
+    through: the file it points to is replaced."""
+    path = os.path.realpath(path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_file(path) as raw, \
+                (gzip.GzipFile(fileobj=raw, mode="wb", filename="") if path.endswith(".gz")
+                 else contextlib.nullcontext(raw)) as f:
+            for s in samples:
+                f.write((json.dumps(s, ensure_ascii=False) + "\n").encode("utf-8"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot write it ({e.strerror}); nothing was replaced, rerun once "
+                        "there is room") from None
+
 
 
 def write_json(path, obj):
@@ -19,7 +60,7 @@ def write_json(path, obj):
 
 
 def write_text(path, text):
-    """A text file written atomically (data.atomic_file); a failed write is one line."""
+    """A text file written atomically (atomic_file); a failed write is one line."""
     try:
         with atomic_file(path) as f:
             f.write(text.encode("utf-8"))

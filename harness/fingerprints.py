@@ -11,6 +11,7 @@ import hashlib
 import os
 
 from data import UserError
+from harness import files
 from harness.models import looks_local
 
 LARGE = 64 << 20             # a folder's files above this (weights) are sampled, not read whole
@@ -129,3 +130,12 @@ def check_settings(saved, now, where, free=()):
             shown = [v["path"] if isinstance(v, dict) else v for v in (old, new)]
             raise UserError(f"{where} was made with {flag} {shown[0]}, not {shown[1]}; rerun with "
                             "the same settings, or start over with a new --out")
+
+
+def check_made_by(settings_path, now, where):
+    """Continue part files left by an earlier run only if its settings.json says they were made with
+    these settings, from these inputs (check_settings); with none, say to delete them."""
+    if not os.path.exists(settings_path):
+        raise UserError(f"{where}: its parts have no {os.path.basename(settings_path)} to say what "
+                        "made them; delete them")
+    check_settings(files.read_json(settings_path), now, where)

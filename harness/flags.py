@@ -18,7 +18,14 @@ import time
 import typing
 from dataclasses import field
 
-from data import Parser, UserError
+from data import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """Every script's command line: a mistake in it is a UserError, not argparse's usage text."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
 
 
 def opt(default, help, *, at_least=None, above=None, choices=None, none=False, nargs=None):

@@ -1,9 +1,15 @@
-"""Loading a checkpoint or a tokenizer, with a folder or file that cannot be used as one line; and
-building a model whose parameters take no memory until FSDP has sharded them."""
+"""Loading a checkpoint or a tokenizer, with a folder or file that cannot be used as one line, and
+running no code of its own (OpenAssistant's reward models are defined here for that); what the
+batch layouts need of a tokenizer and a model; and building a model whose parameters take no memory
+until FSDP has sharded them."""
 
+import importlib.util
 import os
 
 import torch
+from transformers import (AutoConfig, AutoModelForSequenceClassification, GPTNeoXConfig,
+                          GPTNeoXModel, GPTNeoXPreTrainedModel)
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from data import UserError
 
@@ -61,3 +67,70 @@ class parameters_on_meta:
 
     def __exit__(self, *exc):
         torch.nn.Module.register_parameter = self.register
+
+
+def load_model(loader, path, flag, device, dtype, **kwargs):
+    """loader.from_pretrained(path) in `dtype` on `device`, in eval mode, running no code of the
+    folder. Weights go straight to a GPU only through device_map, which needs accelerate; without
+    it, each process first builds the whole model in host memory (8 x 27 GB for LLaMA-7B, fp32)."""
+    device = torch.device(device)
+    placed = {"device_map": {"": device}} if device.type != "cpu" and importlib.util.find_spec(
+        "accelerate") else {}
+    model = from_pretrained(loader, path, flag, dtype=getattr(torch, dtype), **placed, **kwargs)
+    return model.to(device).eval()
+
+
+def check_tokenizer(tokenizer, flag):
+    """What batching needs of a tokenizer: character offsets (a fast tokenizer) and an EOS token."""
+    if not tokenizer.is_fast:
+        raise UserError(f"{flag}: {type(tokenizer).__name__} is not a fast tokenizer; the prompt/"
+                        "response boundary needs its character offsets")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{flag}: the tokenizer has no EOS token, which ends every whole response")
+
+
+def check_layout(config, max_len, flag="--model"):
+    """The shared-prompt layouts' own [R, 1, L, L] mask: sdpa and eager take it; flash attention
+    would ignore it, and the mask would not apply a sliding window shorter than a sequence."""
+    impl, window = config._attn_implementation, getattr(config, "sliding_window", None)
+    if impl not in ("sdpa", "eager"):
+        raise UserError(f"{flag}: its attention ({impl}) cannot take the shared-prompt mask: pass "
+                        "--no-share-prompt")
+    if window and max_len > window:
+        raise UserError(f"{flag}: its sliding window ({window}) is shorter than --max-len "
+                        f"{max_len}, which the shared-prompt mask would not apply: pass "
+                        "--no-share-prompt")
+
+
+# The paper's: GPT-NeoX models of type gpt_neox_reward_model, which stock transformers cannot load;
+# importing this module registers them.
+
+class GPTNeoXRewardConfig(GPTNeoXConfig):
+    model_type = "gpt_neox_reward_model"
+    pooling: str = "last"          # the hidden state of the last attended token goes to the head
+
+
+class GPTNeoXRewardModel(GPTNeoXPreTrainedModel):
+    """GPT-NeoX and a linear head on one pooled hidden state, weights named as OpenAssistant's."""
+    config_class = GPTNeoXRewardConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.pooling != "last":   # OpenAssistant also trained "mean"; the paper's two: "last"
+            raise ValueError(f"pooling {config.pooling!r} is not supported: only 'last'")
+        self.gpt_neox = GPTNeoXModel(config)
+        self.out_proj = torch.nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        out = self.gpt_neox(input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = out.last_hidden_state                                                   # [N, T, H]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask     # [N, T]
+        last = mask.long().cumsum(1).argmax(1)  # [N] where the attended count first peaks: the last
+        pooled = hidden[torch.arange(len(hidden), device=hidden.device), last]              # [N, H]
+        return SequenceClassifierOutput(logits=self.out_proj(pooled))                       # [N, 1]
+
+
+AutoConfig.register("gpt_neox_reward_model", GPTNeoXRewardConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(GPTNeoXRewardConfig, GPTNeoXRewardModel,
+                                            exist_ok=True)

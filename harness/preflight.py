@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 import data
 from data import UserError
-from harness import checkpoints, flags, logs
+from harness import checkpoints, flags, logs, models
 from harness.fingerprints import fingerprint
 from harness.models import from_pretrained
 
@@ -37,7 +37,7 @@ def check_setup(cfg, world, log):
                         f"{config.max_position_embeddings} positions (max_position_embeddings)")
     flag = "--tokenizer" if cfg.tokenizer else "--model"
     tokenizer = from_pretrained(AutoTokenizer, cfg.tokenizer or cfg.model, flag)
-    data.check_tokenizer(tokenizer, flag)
+    models.check_tokenizer(tokenizer, flag)
     logs.check_loggers(cfg)                            # the optional libraries, before a long load
     samples, dev = data.read_samples(cfg.train), data.read_samples(cfg.dev) if cfg.dev else []
     check_samples(cfg, samples, dev, log)
@@ -65,7 +65,7 @@ def check_samples(cfg, samples, dev, log):
             if len(s["responses"]) != K:
                 raise UserError(f"{path}: sample {s['id']} has {len(s['responses'])} responses, "
                                 f"the first has {K}; every sample needs the same K (see "
-                                "data.add_responses)")
+                                "tools/prepare_hh_rlhf.py --extra)")
             if needs_rewards and s["rewards"] is None:
                 raise UserError(f"{path}: sample {s['id']} has no rewards: run rescore.py on it "
                                 "first, or pass --no-rescore (the 'w/o Rescore' ablation)")

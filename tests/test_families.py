@@ -15,7 +15,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GPTNeoXConfig, Llama
                           Qwen2Config)
 
 import data
-from harness import flags
+from harness import flags, models
+from harness.files import write_jsonl
 from tools import demo
 import evaluate
 import train
@@ -135,7 +136,7 @@ def family_data(tokenizers):
     folder = tokenizers["dir"] / "family_data"
     paths = demo.make_demo_data(str(folder), n_train=48, n_test=8, flip=0, tie=0, seed=3)
     for split in ("train", "test"):
-        data.write_jsonl(str(folder / f"{split}.rm.jsonl"), ranked(data.read_hh_rlhf(paths[split])[0]))
+        write_jsonl(str(folder / f"{split}.rm.jsonl"), ranked(data.read_hh_rlhf(paths[split])[0]))
     return {"train": str(folder / "train.rm.jsonl"), "dev": str(folder / "test.rm.jsonl")}
 
 
@@ -418,7 +419,7 @@ def test_the_shared_layout_is_refused_where_the_attention_would_misread_it(token
     for impl in ("flash_attention_2", "flex_attention"):
         with pytest.raises(data.UserError, match=rf"--model: its attention \({impl}\) cannot take the shared-prompt "
                                                  r"mask: pass --no-share-prompt"):
-            data.check_layout(SimpleNamespace(_attn_implementation=impl), 512)
+            models.check_layout(SimpleNamespace(_attn_implementation=impl), 512)
     # a sliding window shorter than a sequence: through train.py's command line, one line
     tokenizer = tokenizers["bpe_bos"]
     config = MistralConfig(vocab_size=len(tokenizer), sliding_window=64, eos_token_id=tokenizer.eos_token_id,
@@ -426,7 +427,7 @@ def test_the_shared_layout_is_refused_where_the_attention_would_misread_it(token
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
     tokenizer.save_pretrained(tmp_path / "mistral")
     train_file = tmp_path / "train.jsonl"
-    data.write_jsonl(str(train_file), [dict(s, id=f"{s['id']}{n}") for n in range(4) for s in layout_samples(2)])
+    write_jsonl(str(train_file), [dict(s, id=f"{s['id']}{n}") for n in range(4) for s in layout_samples(2)])
     argv = ["--model", str(tmp_path / "mistral"), "--train", str(train_file), "--out", str(tmp_path / "run"),
             "--global-batch", "8", "--max-len", "128", "--max-prompt-len", "64"]
     capsys.readouterr()

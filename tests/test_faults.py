@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 import data
 from data import UserError
 from harness import checkpoints, fingerprints, locks, models
+from harness.files import write_jsonl
 import evaluate
 import rescore
 import train
@@ -80,7 +81,7 @@ def test_out_not_writable_and_model_not_a_checkpoint(tiny, tmp_path, capsys):
 def test_reward_gap_in_other_units(tiny, tmp_path, capsys):
     """Rewards of another scale (here all within 1.2): the default gap 3.0 would keep no pair at any step."""
     small = [dict(s, rewards=[r / 10 for r in s["rewards"]]) for s in data.read_samples(tiny["train"])]
-    data.write_jsonl(str(tmp_path / "small.jsonl"), small)
+    write_jsonl(str(tmp_path / "small.jsonl"), small)
     one_line_error(capsys, train.main, train_args(tiny, tmp_path / "run", "--train", str(tmp_path / "small.jsonl")),
                    r"--reward-gap 3.0 keeps no pair of .*small.jsonl \(its largest reward gap is 0.8\)")
 
@@ -132,10 +133,11 @@ def test_bytes_and_compression(tmp_path):
 
 
 def test_data_py_and_empty_files(tmp_path, capsys):
-    one_line_error(capsys, data.main, ["--hh-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+    from tools.prepare_hh_rlhf import main
+    one_line_error(capsys, main, ["--hh-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
                    r"--hh-dir .*nope: no such folder")
     (tmp_path / "file").write_text("")
-    one_line_error(capsys, data.main, ["--hh-dir", str(tmp_path), "--out", str(tmp_path / "file")],
+    one_line_error(capsys, main, ["--hh-dir", str(tmp_path), "--out", str(tmp_path / "file")],
                    r"--out .*file: cannot create this folder \(File exists\)")
     for subset in data.SUBSETS:                                # 4 x 3 test pairs: not enough for 280 dev samples
         for split in ("train", "test"):
@@ -143,8 +145,31 @@ def test_data_py_and_empty_files(tmp_path, capsys):
             write(tmp_path / "hh" / subset / f"{split}.jsonl.gz", [json.dumps(
                 {"chosen": f"\n\nHuman: {subset} {i}?\n\nAssistant: yes", "rejected": f"\n\nHuman: {subset} {i}?"
                  "\n\nAssistant: no"}) for i in range(3)], gzip.open)
-    one_line_error(capsys, data.main, ["--hh-dir", str(tmp_path / "hh"), "--out", str(tmp_path / "o")],
+    one_line_error(capsys, main, ["--hh-dir", str(tmp_path / "hh"), "--out", str(tmp_path / "o")],
                    r"--dev-size 280: there are only 12 test samples")
+
+
+def test_the_splits_command_runs_from_any_folder_and_data_py_points_to_it(tmp_path):
+    """The first step of the pipeline as a user types it, from another folder: every split is written
+    and read back; `python data.py --hh-dir`, its old name, fails in one line that names the new one."""
+    for subset in data.SUBSETS:
+        for split in ("train", "test"):
+            (tmp_path / "hh" / subset).mkdir(parents=True, exist_ok=True)
+            write(tmp_path / "hh" / subset / f"{split}.jsonl.gz", [json.dumps(
+                {"chosen": f"\n\nHuman: {subset} {split} {i}?\n\nAssistant: yes",
+                 "rejected": f"\n\nHuman: {subset} {split} {i}?\n\nAssistant: no"}) for i in range(3)], gzip.open)
+    (tmp_path / "elsewhere").mkdir()
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prepare_hh_rlhf.py"), "--hh-dir", "../hh",
+                          "--out", "../out", "--dev-size", "4"], cwd=tmp_path / "elsewhere", capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    assert run.returncode == 0 and "wrote ../out: train 12, dev 4, test 8" in run.stdout, run.stderr[-2000:]
+    tests = [data.read_samples(str(tmp_path / "out" / "test" / f"{s}.jsonl")) for s in data.SUBSETS]
+    assert len(data.read_samples(str(tmp_path / "out" / "train.jsonl"))) == 12 and sum(map(len, tests)) == 8
+    assert len(data.read_samples(str(tmp_path / "out" / "dev.jsonl"))) == 4
+    old = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--hh-dir", "hh", "--out", "o"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert old.returncode != 0 and len(old.stderr.strip().splitlines()) == 1, old.stderr
+    assert old.stderr.startswith("error: ") and "tools/prepare_hh_rlhf.py" in old.stderr and not (tmp_path / "o").exists()
 
 
 def test_empty_training_file(tiny, tmp_path, capsys):
@@ -161,7 +186,7 @@ def scorer(table):
 
 def test_rescore_resume_with_other_settings_is_refused(tmp_path):
     path, out = str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")
-    data.write_jsonl(path, [sample(f"s{n}") for n in range(20)])
+    write_jsonl(path, [sample(f"s{n}") for n in range(20)])
 
     calls = []
 
@@ -189,7 +214,7 @@ def test_rescore_resume_with_other_settings_is_refused(tmp_path):
 
 def test_rescore_outputs(tmp_path, capsys):
     path = str(tmp_path / "in.jsonl")
-    data.write_jsonl(path, [sample("a"), sample("b", responses=["No.", "Mix flour."])])
+    write_jsonl(path, [sample("a"), sample("b", responses=["No.", "Mix flour."])])
     table = scorer({"Mix flour.": 4.0, "No.": -1.0})
     rescore.rescore_file("rm", path, str(tmp_path / "new" / "dir" / "out.jsonl"), score_fn=table)   # made for us
     rescore.rescore_file("rm", path, str(tmp_path / "out.jsonl.gz"), score_fn=table)
@@ -348,7 +373,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_writes_nothing(tiny, tmp_pa
     """Another run holds the lock: rescore.py (a real second process), evaluate.py and train.py each refuse in one
     line naming the output, before reading or writing anything."""
     path, out = str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")
-    data.write_jsonl(path, [sample(f"s{n}") for n in range(5)])
+    write_jsonl(path, [sample(f"s{n}") for n in range(5)])
     with locks.lock(out + ".lock", "--out", out):           # the first run, still working
         run = subprocess.run([sys.executable, "rescore.py", "--reward-model", tiny["base"], "--data", path, "--out",
                               out], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -372,7 +397,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_writes_nothing(tiny, tmp_pa
 def test_two_rescore_runs_on_one_out_never_mix(tmp_path):
     """Started a moment apart with different reward models: the second is refused; the output is the first's."""
     path, out = str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")
-    data.write_jsonl(path, [sample(f"s{n}") for n in range(40)])
+    write_jsonl(path, [sample(f"s{n}") for n in range(40)])
     second = []
 
     def first_scorer(prompts, responses):                       # while the first scores, the second one starts
@@ -439,11 +464,11 @@ def test_evaluate_redoes_what_changed_in_its_inputs(tiny, tmp_path):
     test = str(tmp_path / "test.jsonl")
     run = lambda out: evaluate.evaluate(evaluate.Config(model=tiny["base"], reward_model=str(rm), data=[test], out=str(
         out), batch_size=3, max_new_tokens=6, max_prompt_len=48))
-    data.write_jsonl(test, samples)
+    write_jsonl(test, samples)
     run(tmp_path / "eval")
     changed = [dict(s, responses=["Boil water first." if n == 0 else s["responses"][0], *s["responses"][1:]]
                     + (["Maybe."] if n == 1 else []), rewards=None) for n, s in enumerate(samples)]
-    data.write_jsonl(test, changed)
+    write_jsonl(test, changed)
     again, fresh = run(tmp_path / "eval"), run(tmp_path / "fresh")
     assert again == fresh and again["Total"]["n"] == 6
     lines = (tmp_path / "eval" / "parts" / "rank0.jsonl").read_text().splitlines()
@@ -456,7 +481,7 @@ def test_evaluate_redoes_what_changed_in_its_inputs(tiny, tmp_path):
 
 def test_an_output_that_is_a_symlink_is_written_through(tmp_path):
     path = str(tmp_path / "in.jsonl")
-    data.write_jsonl(path, [sample("a")])
+    write_jsonl(path, [sample("a")])
     (tmp_path / "target.jsonl").write_text("old\n")
     os.symlink(tmp_path / "target.jsonl", tmp_path / "out.jsonl")
     rescore.rescore_file("rm", path, str(tmp_path / "out.jsonl"), score_fn=scorer({"Mix flour.": 2.0, "No.": -1.0}))
@@ -580,7 +605,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_with_room_finishes(tiny, two_rank_r
     LlamaForSequenceClassification(LlamaConfig.from_pretrained(tiny["base"], num_labels=1)).save_pretrained(rm)
     AutoTokenizer.from_pretrained(tiny["base"]).save_pretrained(rm)
     path = str(tmp_path / "in.jsonl")
-    data.write_jsonl(path, [dict(s, rewards=None) for s in data.read_samples(tiny["train"])[:256]])
+    write_jsonl(path, [dict(s, rewards=None) for s in data.read_samples(tiny["train"])[:256]])
     command = [sys.executable, "rescore.py", "--reward-model", str(rm), "--data", path, "--batch-size", "8"]
     whole = subprocess.run(command + ["--out", str(tmp_path / "whole.jsonl")], cwd=ROOT, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]

@@ -33,7 +33,8 @@ import rescore
 import train
 from conftest import generate, one_line_error, train_args
 from data import UserError
-from harness import fingerprints
+from harness import fingerprints, models
+from harness.files import write_jsonl
 from tools import demo
 from tools import plot
 
@@ -95,7 +96,7 @@ def build_env(tokenizer, tmp):
         for n, s in enumerate(part):
             s.update(id=f"{subset}/test/{n}", subset=subset)
         files.append(str(tmp / f"{subset}.jsonl"))
-        data.write_jsonl(files[-1], part)
+        write_jsonl(files[-1], part)
     torch.manual_seed(0)
     policy = LlamaForCausalLM(llama_config(tokenizer)).eval()
     reward_model = LlamaForSequenceClassification(llama_config(tokenizer, num_labels=1)).eval()
@@ -131,7 +132,7 @@ def copy_run(env, out):
     ("float16", r"an overflow in --dtype float16\? --dtype float32 with a new --out avoids it")])
 def test_a_non_finite_reward_is_refused_at_its_sample(tmp_path, dtype, hint):
     path, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    data.write_jsonl(str(path), [sample("a", ["good", "bad"]), sample("b", ["fine", "broken", "meh"])])
+    write_jsonl(str(path), [sample("a", ["good", "bad"]), sample("b", ["fine", "broken", "meh"])])
     table = {"good": 1.0, "bad": -1.0, "fine": 0.5, "broken": math.nan, "meh": 0.0}
     with pytest.raises(UserError) as raised:
         rescore.rescore_file("fake", str(path), str(out), dtype=dtype, score_fn=scorer(table))
@@ -183,7 +184,7 @@ def test_part_records_of_the_wrong_shape_are_one_line(tmp_path, rewards, pattern
 def _part_file_probe(tmp_path, rewards, pattern):
     """A part file left by an earlier run with the same settings, its second record `rewards`."""
     path, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    data.write_jsonl(str(path), [sample("y", ["a", "b"]), sample("x", ["a", "b"])])
+    write_jsonl(str(path), [sample("y", ["a", "b"]), sample("x", ["a", "b"])])
     settings = {"--reward-model": fingerprints.fingerprint("fake"),
                 "--data": fingerprints.fingerprint(str(path)), "--max-length": 1024,
                 "--dtype": "float32"}
@@ -199,7 +200,7 @@ def _part_file_probe(tmp_path, rewards, pattern):
 
 def test_settings_files_of_the_wrong_shape_are_one_line(envs, tmp_path, capsys):
     path = tmp_path / "in.jsonl"
-    data.write_jsonl(str(path), [sample("x", ["a", "b"])])
+    write_jsonl(str(path), [sample("x", ["a", "b"])])
     (tmp_path / "out.jsonl.settings.json").write_text("[]")
     (tmp_path / "out.jsonl.part0").write_text('{"id": "x", "rewards": [1.0, 0.0]}\n')
     with pytest.raises(UserError, match=r"out.jsonl.settings.json: not what this file holds"):
@@ -219,7 +220,7 @@ def test_settings_files_of_the_wrong_shape_are_one_line(envs, tmp_path, capsys):
 
 def test_out_equal_to_data_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     path = tmp_path / "in.jsonl"
-    data.write_jsonl(str(path), [sample("a", ["good", "bad"])])
+    write_jsonl(str(path), [sample("a", ["good", "bad"])])
     before = path.read_bytes()
     (tmp_path / "link.jsonl").symlink_to("in.jsonl")
     os.link(path, tmp_path / "hard.jsonl")
@@ -347,7 +348,7 @@ def test_models_load_on_their_device_in_their_dtype_and_score_as_before(envs, fa
                      max_prompt_len=48, batch_size=3)
     with open(os.path.join(env["run"], "generations.jsonl"), encoding="utf-8") as f:
         assert [json.loads(line)["generation"] for line in f] == texts
-    loaded = rescore.load_model(AutoModelForCausalLM, env["policy"], "--model", "cpu", "bfloat16")
+    loaded = models.load_model(AutoModelForCausalLM, env["policy"], "--model", "cpu", "bfloat16")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
 
 
@@ -363,14 +364,14 @@ def test_on_a_gpu_the_weights_go_straight_to_it_where_accelerate_is_installed(mo
 
         def eval(self):
             return self
-    monkeypatch.setattr(rescore, "from_pretrained",
+    monkeypatch.setattr(models, "from_pretrained",
                         lambda loader, path, flag, **kwargs: calls.append(kwargs) or Loaded())
     find_spec = importlib.util.find_spec
     for installed in (True, False):
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: (
             installed if name == "accelerate" else find_spec(name, *args)) or None)
         calls.clear()
-        rescore.load_model(AutoModelForCausalLM, "x", "--model", "cuda:1", "bfloat16")
+        models.load_model(AutoModelForCausalLM, "x", "--model", "cuda:1", "bfloat16")
         gpu = torch.device("cuda:1")
         placed = {"device_map": {"": gpu}} if installed else {}
         assert calls == [{"dtype": torch.bfloat16, **placed},      # (harness.models adds

@@ -45,7 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import data                       # noqa: E402  (after the path above)
 import train                      # noqa: E402
-from harness import flags, logs   # noqa: E402
+from harness import flags, logs, models   # noqa: E402
+from harness.files import write_jsonl     # noqa: E402
 from harness.flags import opt     # noqa: E402
 from harness.models import from_pretrained   # noqa: E402
 from tools import suite as gpu_suite   # noqa: E402  (the GPU suite and its end-to-end block)
@@ -398,7 +399,7 @@ def bookkeeping(n):
     with tempfile.TemporaryDirectory() as folder:
         path, out = os.path.join(folder, "train.jsonl"), os.path.join(folder, "train.rm.jsonl")
         turn = "\n\nHuman: " + "How do I make a good cup of tea at home? " * 6 + "\n\nAssistant:"
-        data.write_jsonl(path, [{"id": f"s{i}", "prompt": turn * 2,
+        write_jsonl(path, [{"id": f"s{i}", "prompt": turn * 2,
                                  "responses": ["Boil water. " * 9, "No. " * 25],
                                  "rewards": None, "sft_index": 0} for i in range(n)])
         scored, seconds = [], []
@@ -460,7 +461,7 @@ def main(argv=None):
             flags.input_file(path, flag)
     if cfg.padding:
         tokenizer = from_pretrained(AutoTokenizer, cfg.model, "--model")
-        data.check_tokenizer(tokenizer, "--model")
+        models.check_tokenizer(tokenizer, "--model")
         return padding_table(cfg.padding, tokenizer, cfg)
     if cfg.bookkeeping:
         return bookkeeping(cfg.bookkeeping)

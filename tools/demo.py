@@ -42,6 +42,7 @@ import rescore                    # noqa: E402
 import train                      # noqa: E402
 from data import UserError        # noqa: E402
 from harness import flags         # noqa: E402
+from harness.files import write_jsonl   # noqa: E402
 from harness.flags import opt     # noqa: E402
 
 # ---- the data: templated requests with replies of known quality ---------------------------------
@@ -138,7 +139,7 @@ def make_demo_data(out_dir, n_train=3000, n_test=400, flip=0.25, tie=0.15, seed=
                     chosen, rejected = rejected, chosen
             lines.append({"chosen": f"{prompt} {chosen}", "rejected": f"{prompt} {rejected}"})
         paths[split] = os.path.join(out_dir, f"{split}.jsonl")
-        data.write_jsonl(paths[split], lines)
+        write_jsonl(paths[split], lines)
     return paths
 
 
@@ -183,9 +184,9 @@ def prepare(out, n_train, n_test, seed=0):
         raw = make_demo_data(os.path.join(out, "raw"), n_train=n_train, n_test=n_test, seed=seed)
         train_samples, _ = data.read_hh_rlhf(raw["train"], "demo", "train")
         test_samples, _ = data.read_hh_rlhf(raw["test"], "demo", "test")
-        data.write_jsonl(os.path.join(out, "train.jsonl"), train_samples)
-        data.write_jsonl(os.path.join(out, "dev.jsonl"), test_samples[:n_test // 4])
-        data.write_jsonl(os.path.join(out, "test.jsonl"), test_samples[n_test // 4:])
+        write_jsonl(os.path.join(out, "train.jsonl"), train_samples)
+        write_jsonl(os.path.join(out, "dev.jsonl"), test_samples[:n_test // 4])
+        write_jsonl(os.path.join(out, "test.jsonl"), test_samples[n_test // 4:])
     base, rm_base, rm = (os.path.join(out, name) for name in ("base", "rm_base", "rm"))
     if not os.path.exists(os.path.join(base, "config.json")):
         stage("2. a SentencePiece tokenizer and a random-init LLaMA policy (and reward model "
@@ -264,7 +265,7 @@ def center_rewards(path, zero):
     (`reward_zero`)."""
     samples = [dict(s, rewards=[r - zero for r in s["rewards"]])
                for s in data.read_samples(path + ".raw")]
-    data.write_jsonl(path, samples)
+    write_jsonl(path, samples)
     os.remove(path + ".raw")
     off = sum(s["rewards"][s["sft_index"]] <= 0 for s in samples) / len(samples)
     print(f"  rewards measured from the zero {zero:.3f}: SFT target with reward <= 0 now {off:.1%} "

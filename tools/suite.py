@@ -45,6 +45,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 import data
 import train
 from data import UserError
+from harness.files import write_jsonl
 
 # --e2e's rows, in order, and each one's timeout in seconds (of a GPU's; a CPU takes 5-25 s a row)
 E2E_ROWS = {"train": 75, "train_2gpu": 60, "resume": 150, "evaluate": 45, "gradients": 90,
@@ -210,9 +211,9 @@ def e2e_assets(folder):
     train_samples, test_samples = (ranked(data.read_hh_rlhf(raw[s])[0]) for s in ("train", "test"))
     names = ("train.jsonl", "dev.jsonl", "test.jsonl", "base", "rm")
     paths = {name: os.path.join(folder, name) for name in names}
-    data.write_jsonl(paths["train.jsonl"], train_samples)
-    data.write_jsonl(paths["dev.jsonl"], test_samples[:8])
-    data.write_jsonl(paths["test.jsonl"], test_samples[8:])
+    write_jsonl(paths["train.jsonl"], train_samples)
+    write_jsonl(paths["dev.jsonl"], test_samples[:8])
+    write_jsonl(paths["test.jsonl"], test_samples[8:])
     texts = [s["prompt"] + " " + r for s in train_samples + test_samples for r in s["responses"]]
     tokenizer = demo.train_tokenizer(texts, paths["base"], vocab_size=600)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=3,
