@@ -297,16 +297,10 @@ def evaluate(cfg, progress=False):
                     "--reward-model": fingerprints.fingerprint(cfg.reward_model, ours),
                     "--max-new-tokens": cfg.max_new_tokens, "--max-prompt-len": cfg.max_prompt_len,
                     "--dtype": cfg.dtype}
-        part_files = sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
+        part_files = lambda: sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
         shas = {s["id"]: content(s) for s in samples}
-        done = files.read_parts(part_files, keep=current(shas))
-        settings_path = os.path.join(cfg.out, "settings.json")
-        if files.read_parts(part_files):                        # records made by an earlier run
-            fingerprints.check_made_by(settings_path, settings, f"--out {cfg.out}")
-        todo = [s for i, s in enumerate(samples) if i % world == rank and s["id"] not in done]
-        locks.barrier()                                   # every rank has read before any appends
-        if rank == 0:
-            files.write_json(settings_path, settings)
+        todo = locks.unfinished(samples, part_files(), os.path.join(cfg.out, "settings.json"),
+                                settings, current(shas), f"--out {cfg.out}")
 
         # this rank's share: a full copy of the policy and reward model, loaded only if work is left
         if todo:
@@ -316,8 +310,7 @@ def evaluate(cfg, progress=False):
             return None
 
         # merge the parts in input order, and write the results
-        part_files = sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
-        found = files.read_parts(part_files, keep=current(shas))
+        found = files.read_parts(part_files(), keep=current(shas))
         records = [found[s["id"]] for s in samples]
         write_jsonl(os.path.join(cfg.out, "generations.jsonl"), records)
         results = summarize(records, list(dict.fromkeys(s["subset"] for s in samples)))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 import data
 from harness import files, fingerprints, flags, locks, models
@@ -74,25 +74,9 @@ def encode(tokenizer, texts, max_length):
 
 def reward_format(path, flag="--reward-model", **config_kwargs):
     """-> (config, tokenizer, format_fn): all of a reward model but its weights, to check every
-    prompt against its input format before they load. The tokenizer pads on the right."""
-    config = from_pretrained(AutoConfig, path, flag, **config_kwargs)
-    tokenizer = from_pretrained(AutoTokenizer, path, flag)
-    oa = config.model_type == "gpt_neox_reward_model"        # one output, pooled by the mask
-    if not oa and config.num_labels != 1:
-        raise UserError(f"{flag} {path}: the model has {config.num_labels} outputs (num_labels); "
-                        "a reward model has one")
-    if tokenizer.pad_token is None:   # many causal LMs ship without one; right padding: EOS is safe
-        if tokenizer.eos_token is None:
-            raise UserError(f"{flag} {path}: its tokenizer has neither a pad nor an EOS token to "
-                            "pad a batch with; set pad_token in its tokenizer_config.json")
-        tokenizer.pad_token = tokenizer.eos_token
-    # transformers' *ForSequenceClassification pool the rightmost token that is not pad_token_id
-    if not oa and config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
-    elif not oa and config.pad_token_id != tokenizer.pad_token_id:
-        raise UserError(f"{flag} {path}: the model pools by pad_token_id {config.pad_token_id} "
-                        f"but the tokenizer pads with {tokenizer.pad_token_id}: fix pad_token_id "
-                        "in its config.json")
+    prompt against its input format before they load (harness.models.reward_parts: one output, and
+    a tokenizer that pads on the right with the token the model's pooling skips)."""
+    config, tokenizer = models.reward_parts(path, flag, **config_kwargs)
     return config, tokenizer, format_for(config, tokenizer)
 
 
@@ -196,19 +180,16 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
         samples = data.read_samples(
             data_path, check=lambda s: [format_fn(s["prompt"], r) for r in s["responses"]])
         # what runs on --out write is no part of the reward model, should --out lie inside it
-        ours = [out + end for end in ("", ".lock", ".settings.json")]
-        ours += glob.glob(glob.escape(out) + ".part*")
+        ours = [out + end for end in ("", ".lock", ".settings.json")] + part_files(out)
         settings = {"--reward-model": fingerprints.fingerprint(reward_model, exclude=ours),
                     "--data": fingerprints.fingerprint(data_path), "--max-length": max_length,
                     "--dtype": dtype}
-        done = finished(out, settings, {s["id"]: len(s["responses"]) for s in samples})
-        locks.barrier()                                   # every rank has read before any appends
-        if rank == 0:
-            files.write_json(out + ".settings.json", settings)
+        K = {s["id"]: len(s["responses"]) for s in samples}
+        todo = locks.unfinished(samples, part_files(out), out + ".settings.json", settings,
+                                scored(K), f"--out {out} (its part files)")
 
-        # this rank's unfinished share, a chunk at a time: enough rows for length-sorted batches
-        share = [s for i, s in enumerate(samples) if i % world == rank]
-        todo = [s for s in share if s["id"] not in done]
+        # this rank's unfinished share, with the reward model loaded only if there is one
+        share = samples[rank::world]
         if todo and score_fn is None:
             model, tokenizer, format_fn = load_reward_model(reward_model, locks.local_device(),
                                                             dtype)
@@ -242,9 +223,9 @@ def score_share(todo, score_fn, part, bar, batch_size, data_path, reward_model, 
             bar.update(len(batch))
 
 
-def read_scored(out, K):
-    """-> (the part files of `out`, their {id: rewards}), each a finite number per response of
-    the sample; an id not in the input is refused by `finished`, which says what to do."""
+def scored(K):
+    """read_parts' `keep` for our part files: each record a finite reward per response of the input
+    sample of its id (K: {id: responses})."""
     def keep(record):
         rewards, id_ = record["rewards"], record["id"]
         if not isinstance(rewards, list) or not all(
@@ -254,31 +235,25 @@ def read_scored(out, K):
             if not math.isfinite(r):
                 raise files.WrongRecord(f"sample {id_!r} has a reward of {r}, not a finite "
                                         "number (an overflow? rescore with --dtype float32)")
-        if id_ in K and len(rewards) != K[id_]:
+        if id_ not in K:
+            raise files.WrongRecord(f"sample {id_!r} with {len(rewards)} rewards in its part files "
+                                    "is not in the input: they are left from another data file")
+        if len(rewards) != K[id_]:
             raise files.WrongRecord(f"sample {id_!r} has {len(rewards)} rewards for its {K[id_]} "
                                     "responses in --data")
         return True
-    parts = sorted(glob.glob(glob.escape(out) + ".part*"))
-    return parts, {id_: r["rewards"] for id_, r in files.read_parts(parts, keep).items()}
+    return keep
 
 
-def finished(out, settings, K):
-    """{id: rewards} that earlier runs on `out` finished, if they had these settings and input."""
-    done = read_scored(out, K)[1]
-    if done:
-        fingerprints.check_made_by(out + ".settings.json", settings,
-                                   f"--out {out} (its part files)")
-    for id_, rewards in done.items():
-        if id_ not in K:                        # read_scored checked the count of the others
-            raise UserError(f"--out {out}: id {id_!r} with {len(rewards)} rewards in its part "
-                            "files is not in the input: they are left from another data file, "
-                            "delete them")
-    return done
+def part_files(out):
+    return sorted(glob.glob(glob.escape(out) + ".part*"))           # out.part<rank>, every run's
 
 
 def merge(out, samples, keep_human_order, sft_human_chosen, reward_gap):
     """Rank 0, once every rank is done: one output in input order, written atomically; parts go."""
-    parts, done = read_scored(out, {s["id"]: len(s["responses"]) for s in samples})
+    parts = part_files(out)
+    done = {id_: r["rewards"] for id_, r in files.read_parts(
+        parts, scored({s["id"]: len(s["responses"]) for s in samples})).items()}
     missing = [s["id"] for s in samples if s["id"] not in done]
     if missing:
         raise RuntimeError(f"{len(missing)} samples were not scored, e.g. {missing[0]!r}")

@@ -1,4 +1,5 @@
-"""One run per output: an OS lock (flock) held for the whole run, and the ranks that share it.
+"""One run per output: an OS lock (flock) held for the whole run, the ranks that share it, and
+the share of rescore.py's and evaluate.py's work each rank has left after a kill (`unfinished`).
 
     OUT/.lock (train.py, evaluate.py), OUT.lock (rescore.py)
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from data import UserError
+from harness import files, fingerprints
 
 
 @contextlib.contextmanager
@@ -85,3 +87,18 @@ def lock(path, flag, out):
         if fd is not None:
             os.remove(path)           # still ours: we hold it
             os.close(fd)
+
+
+def unfinished(samples, parts, settings_path, settings, keep, where):
+    """Under ranks(): this rank's share of `samples` (sample i goes to rank i % world) that the part
+    files `parts` of earlier runs do not hold (files.read_parts with `keep`), once `settings_path`
+    has said they were made with these `settings` (check_made_by). Rank 0 then writes `settings`
+    there, when every rank has read."""
+    done = files.read_parts(parts, keep)
+    if files.read_parts(parts):                       # records of an earlier run, kept or not
+        fingerprints.check_made_by(settings_path, settings, where)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    barrier()                                         # every rank has read before any appends
+    if rank == 0:
+        files.write_json(settings_path, settings)
+    return [s for i, s in enumerate(samples) if i % world == rank and s["id"] not in done]

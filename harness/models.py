@@ -7,8 +7,8 @@ import importlib.util
 import os
 
 import torch
-from transformers import (AutoConfig, AutoModelForSequenceClassification, GPTNeoXConfig,
-                          GPTNeoXModel, GPTNeoXPreTrainedModel)
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
+                          GPTNeoXConfig, GPTNeoXModel, GPTNeoXPreTrainedModel)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from data import UserError
@@ -100,6 +100,30 @@ def check_layout(config, max_len, flag="--model"):
         raise UserError(f"{flag}: its sliding window ({window}) is shorter than --max-len "
                         f"{max_len}, which the shared-prompt mask would not apply: pass "
                         "--no-share-prompt")
+
+
+def reward_parts(path, flag, **config_kwargs):
+    """A reward model's config and tokenizer, checked before its weights load: one output, and a
+    pad token for right padding that the model's pooling agrees with."""
+    config = from_pretrained(AutoConfig, path, flag, **config_kwargs)
+    tokenizer = from_pretrained(AutoTokenizer, path, flag)
+    oa = config.model_type == "gpt_neox_reward_model"        # one output, pooled by the mask
+    if not oa and config.num_labels != 1:
+        raise UserError(f"{flag} {path}: the model has {config.num_labels} outputs (num_labels); "
+                        "a reward model has one")
+    if tokenizer.pad_token is None:   # many causal LMs ship without one; right padding: EOS is safe
+        if tokenizer.eos_token is None:
+            raise UserError(f"{flag} {path}: its tokenizer has neither a pad nor an EOS token to "
+                            "pad a batch with; set pad_token in its tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+    # transformers' *ForSequenceClassification pool the rightmost token that is not pad_token_id
+    if not oa and config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    elif not oa and config.pad_token_id != tokenizer.pad_token_id:
+        raise UserError(f"{flag} {path}: the model pools by pad_token_id {config.pad_token_id} "
+                        f"but the tokenizer pads with {tokenizer.pad_token_id}: fix pad_token_id "
+                        "in its config.json")
+    return config, tokenizer
 
 
 # The paper's: GPT-NeoX models of type gpt_neox_reward_model, which stock transformers cannot load;
