@@ -5,7 +5,8 @@
                      (OpenAssistant's reward model is defined here); what the layouts need of them
     files.py         files written whole or not at all (samples, JSON); rescore's and evaluate's
                      part files
-    locks.py         one run per output (an OS lock), and the ranks of rescore.py and evaluate.py
+    locks.py         one run per output (an OS lock); the ranks of rescore.py and evaluate.py,
+                     and the share of the work each has left
     fingerprints.py  what an input was (a file's contents, a model folder's, a hub revision)
     preflight.py     train.py's checks before the model loads: flags, data, tokenizer, what Eq. 5
                      and Eq. 7 keep of the data
