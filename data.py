@@ -32,6 +32,7 @@ import gzip
 import json
 import math
 import os
+import sys
 import unicodedata
 import zlib
 from collections import Counter
@@ -418,6 +419,7 @@ def _from_authors_format(obj, where):
             "sft_index": obj.get("sft_index", 0)}
 
 
-if __name__ == "__main__":     # the splits are made by tools/prepare_hh_rlhf.py: say so, not exit 0
-    raise SystemExit("error: data.py is a library; the splits: python tools/prepare_hh_rlhf.py "
-                     "--hh-dir hh-rlhf --out data/hh2")
+if __name__ == "__main__":     # the splits are made by tools/prepare_hh_rlhf.py: one line, status 2
+    print("error: data.py is a library; the splits: python tools/prepare_hh_rlhf.py --hh-dir "
+          "hh-rlhf --out data/hh2", file=sys.stderr)
+    raise SystemExit(2)

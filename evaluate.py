@@ -9,7 +9,7 @@ The first two print a Markdown table in Table 2's layout (a BLEU / Reward column
 then Total = the mean over all samples) and a second one with each subset's size, the policy's
 teacher-forced pairwise accuracy and its count of empty generations; both go to DIR/table.md.
 `--compare` prints the runs side by side, one row per run, as in Table 3. Files written to DIR
-(see checkpoint.py):
+(harness/files.py, harness/locks.py):
     .lock                 held while a run works on DIR: a second one is refused
     parts/rank<r>.jsonl   each rank's records, appended and flushed per batch, each with its
                           sample's SHA-256: a rerun resumes, and redoes the samples that changed
@@ -43,7 +43,7 @@ import rescore
 from harness import files, fingerprints, flags, locks, models
 from harness.files import write_jsonl
 from harness.flags import opt
-from harness.models import check_layout, check_tokenizer, checkpoint_dir, from_pretrained
+from harness.models import checkpoint_dir, from_pretrained
 from data import (UserError, encode_prompt, make_batch, pad_id, policy_logps, read_samples,
                   to_device)
 
@@ -218,11 +218,11 @@ def run_share(todo, cfg, part, progress):
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
                           else "cpu")
     tokenizer = from_pretrained(AutoTokenizer, cfg.model, "--model")
-    check_tokenizer(tokenizer, "--model")
+    models.check_tokenizer(tokenizer, "--model")
     policy = models.load_model(AutoModelForCausalLM, cfg.model, "--model", device, cfg.dtype)
     policy.generation_config = GenerationConfig()     # plain greedy, whatever the checkpoint ships
     if cfg.share_prompt:
-        check_layout(policy.config, cfg.max_prompt_len + cfg.max_new_tokens)
+        models.check_layout(policy.config, cfg.max_prompt_len + cfg.max_new_tokens)
     rm, rm_tokenizer, format_fn = rescore.load_reward_model(cfg.reward_model, device, cfg.dtype)
     with files.appending(part, "the prompts evaluated so far") as write:
         for idx, texts in generate_batches(policy, tokenizer, [s["prompt"] for s in todo],
@@ -274,6 +274,11 @@ def current(shas):
     return keep
 
 
+def rank_files(parts):
+    """parts/rank<r>.jsonl, of every earlier run, whatever its number of ranks."""
+    return sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
+
+
 def evaluate(cfg, progress=False):
     """The whole protocol for a Config: the policy --model and the --reward-model (folders or hub
     ids) on the --data sample files. Every torchrun rank calls it; rank 0 merges the ranks' records
@@ -287,7 +292,7 @@ def evaluate(cfg, progress=False):
     with locks.ranks() as (rank, world), locks.lock(lock, "--out", cfg.out):
         # both models' configs (one that needs its own code is one line), and the data, each prompt
         # checked against the reward model's input format, before anything loads
-        from_pretrained(AutoConfig, cfg.model, "--model")
+        models.check_causal_lm(from_pretrained(AutoConfig, cfg.model, "--model"), cfg.model)
         format_fn = rescore.reward_format(cfg.reward_model)[2]
         check = lambda s: format_fn(s["prompt"], s["responses"][0])
         samples = read_test_files(cfg.data, check=check)
@@ -297,9 +302,8 @@ def evaluate(cfg, progress=False):
                     "--reward-model": fingerprints.fingerprint(cfg.reward_model, ours),
                     "--max-new-tokens": cfg.max_new_tokens, "--max-prompt-len": cfg.max_prompt_len,
                     "--dtype": cfg.dtype}
-        part_files = lambda: sorted(glob.glob(os.path.join(glob.escape(parts), "rank*.jsonl")))
         shas = {s["id"]: content(s) for s in samples}
-        todo = locks.unfinished(samples, part_files(), os.path.join(cfg.out, "settings.json"),
+        todo = locks.unfinished(samples, rank_files(parts), os.path.join(cfg.out, "settings.json"),
                                 settings, current(shas), f"--out {cfg.out}")
 
         # this rank's share: a full copy of the policy and reward model, loaded only if work is left
@@ -310,7 +314,7 @@ def evaluate(cfg, progress=False):
             return None
 
         # merge the parts in input order, and write the results
-        found = files.read_parts(part_files(), keep=current(shas))
+        found = files.read_parts(rank_files(parts), keep=current(shas))
         records = [found[s["id"]] for s in samples]
         write_jsonl(os.path.join(cfg.out, "generations.jsonl"), records)
         results = summarize(records, list(dict.fromkeys(s["subset"] for s in samples)))

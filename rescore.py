@@ -6,11 +6,12 @@ and Eq. 1.
     torchrun --nproc_per_node 8 rescore.py ...         # the same, each rank scores 1/8
     python rescore.py --train-reward-model --base CKPT --data TRAIN.jsonl [--dev DEV.jsonl] --out RM
 
-Scoring prints Fig. 1's noise statistics (see `merge`); --keep-human-order keeps the human order
-("w/o Rescore"). It holds OUT.lock, checks every prompt against the reward model's input format
-before its weights load, and resumes from OUT.part<rank> when OUT.settings.json says that the same
-model, input and settings made them. Training (Eq. 1) prints its loss and the held-out pairwise
-accuracy. OpenAssistant's reward model class is in harness/models.py: no remote code runs.
+Scoring prints Fig. 1's noise statistics (see `noise_stats`); --keep-human-order keeps the human
+order ("w/o Rescore"). It holds OUT.lock, checks every prompt against the reward model's input
+format before its weights load, and resumes from OUT.part<rank> when OUT.settings.json says that the
+same model, input and settings made them. Training (Eq. 1) prints its loss and the held-out
+pairwise accuracy. OpenAssistant's reward model class is in harness/openassistant.py: no remote
+code runs.
 """
 
 import glob
@@ -27,6 +28,7 @@ from transformers import AutoModelForSequenceClassification
 
 import data
 from harness import files, fingerprints, flags, locks, models
+from harness import openassistant  # noqa: F401  (registers the paper's reward models)
 from harness.flags import opt
 from harness.models import checkpoint_dir, from_pretrained
 from data import UserError
@@ -188,8 +190,8 @@ def rescore_file(reward_model, data_path, out, keep_human_order=False, batch_siz
         todo = locks.unfinished(samples, part_files(out), out + ".settings.json", settings,
                                 scored(K), f"--out {out} (its part files)")
 
-        # this rank's unfinished share, with the reward model loaded only if there is one
-        share = samples[rank::world]
+        # the reward model loads only if this rank has work left; the bar counts its whole share
+        share = samples[rank::world]                      # (locks.unfinished's partition)
         if todo and score_fn is None:
             model, tokenizer, format_fn = load_reward_model(reward_model, locks.local_device(),
                                                             dtype)
@@ -246,7 +248,8 @@ def scored(K):
 
 
 def part_files(out):
-    return sorted(glob.glob(glob.escape(out) + ".part*"))           # out.part<rank>, every run's
+    """out.part<rank>, of every earlier run, whatever its number of ranks."""
+    return sorted(glob.glob(glob.escape(out) + ".part*"))
 
 
 def merge(out, samples, keep_human_order, sft_human_chosen, reward_gap):

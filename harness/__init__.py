@@ -1,8 +1,9 @@
 """The harness: what keeps a run safe, so that the method files can stay about the method.
 
     flags.py         every script's flags from its Config dataclass; a mistake: one line, exit 2
-    models.py        loading a checkpoint or tokenizer: a bad one is one line, and no code runs
-                     (OpenAssistant's reward model is defined here); what the layouts need of them
+    models.py        loading a checkpoint or tokenizer: a bad one is one line, and no code of its
+                     own or the hub's runs; what the layouts need of a tokenizer and a config
+    openassistant.py the paper's reward models, defined here so that no downloaded code runs
     files.py         files written whole or not at all (samples, JSON); rescore's and evaluate's
                      part files
     locks.py         one run per output (an OS lock); the ranks of rescore.py and evaluate.py,

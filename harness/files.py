@@ -53,7 +53,6 @@ def write_jsonl(path, samples):
                         "there is room") from None
 
 
-
 def write_json(path, obj):
     """One JSON document (settings, results), written atomically; a failed write is one line."""
     write_text(path, json.dumps(obj, indent=1))

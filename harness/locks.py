@@ -94,9 +94,9 @@ def unfinished(samples, parts, settings_path, settings, keep, where):
     files `parts` of earlier runs do not hold (files.read_parts with `keep`), once `settings_path`
     has said they were made with these `settings` (check_made_by). Rank 0 then writes `settings`
     there, when every rank has read."""
-    done = files.read_parts(parts, keep)
     if files.read_parts(parts):                       # records of an earlier run, kept or not
         fingerprints.check_made_by(settings_path, settings, where)
+    done = files.read_parts(parts, keep)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     barrier()                                         # every rank has read before any appends
     if rank == 0:

@@ -72,8 +72,8 @@ class Meter:
 
 
 def peak_memory(device):
-    """Peak memory so far: allocated and reserved by the caching allocator on a GPU, the process's
-    resident memory on a CPU."""
+    """Peak memory so far, in GiB (2**30 bytes): allocated and reserved by the caching allocator
+    on a GPU, the process's resident memory on a CPU."""
     if device.type == "cuda":
         return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30,
                 "reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}

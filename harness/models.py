@@ -1,15 +1,14 @@
 """Loading a checkpoint or a tokenizer, with a folder or file that cannot be used as one line, and
-running no code of its own (OpenAssistant's reward models are defined here for that); what the
-batch layouts need of a tokenizer and a model; and building a model whose parameters take no memory
-until FSDP has sharded them."""
+running none of the checkpoint's code nor any from the hub; what the batch layouts need of a
+tokenizer and a model config, and a reward model of both; and building a model whose parameters take
+no memory until FSDP has sharded them."""
 
 import importlib.util
 import os
 
 import torch
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
-                          GPTNeoXConfig, GPTNeoXModel, GPTNeoXPreTrainedModel)
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers import AutoConfig, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from data import UserError
 
@@ -44,6 +43,10 @@ def from_pretrained(loader, path, flag, **kwargs):
     from safetensors import SafetensorError
     user_errors = (OSError, SafetensorError) \
         + ((ValueError,) if loader.__name__ == "AutoConfig" else ())
+    if not loader.__name__.endswith(("Config", "Tokenizer")):
+        # nor code from the hub: with `kernels` installed, transformers (5.25) swaps layers for
+        # kernels it downloads, by default; offline or untrusted, that is an error on a GPU
+        kwargs = {"use_kernels": False, **kwargs}
     try:             # nothing in a model folder runs code: never its own modelling files
         return loader.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
     except user_errors as e:
@@ -78,6 +81,13 @@ def load_model(loader, path, flag, device, dtype, **kwargs):
         "accelerate") else {}
     model = from_pretrained(loader, path, flag, dtype=getattr(torch, dtype), **placed, **kwargs)
     return model.to(device).eval()
+
+
+def check_causal_lm(config, path, flag="--model"):
+    """A policy is a model AutoModelForCausalLM builds (a reward model is not), before it loads."""
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"{flag} {path}: a {config.model_type} model, which AutoModelForCausalLM "
+                        "cannot build; the policy must be a causal language model")
 
 
 def check_tokenizer(tokenizer, flag):
@@ -124,37 +134,3 @@ def reward_parts(path, flag, **config_kwargs):
                         f"but the tokenizer pads with {tokenizer.pad_token_id}: fix pad_token_id "
                         "in its config.json")
     return config, tokenizer
-
-
-# The paper's: GPT-NeoX models of type gpt_neox_reward_model, which stock transformers cannot load;
-# importing this module registers them.
-
-class GPTNeoXRewardConfig(GPTNeoXConfig):
-    model_type = "gpt_neox_reward_model"
-    pooling: str = "last"          # the hidden state of the last attended token goes to the head
-
-
-class GPTNeoXRewardModel(GPTNeoXPreTrainedModel):
-    """GPT-NeoX and a linear head on one pooled hidden state, weights named as OpenAssistant's."""
-    config_class = GPTNeoXRewardConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        if config.pooling != "last":   # OpenAssistant also trained "mean"; the paper's two: "last"
-            raise ValueError(f"pooling {config.pooling!r} is not supported: only 'last'")
-        self.gpt_neox = GPTNeoXModel(config)
-        self.out_proj = torch.nn.Linear(config.hidden_size, 1)
-        self.post_init()
-
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        out = self.gpt_neox(input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = out.last_hidden_state                                                   # [N, T, H]
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask     # [N, T]
-        last = mask.long().cumsum(1).argmax(1)  # [N] where the attended count first peaks: the last
-        pooled = hidden[torch.arange(len(hidden), device=hidden.device), last]              # [N, H]
-        return SequenceClassifierOutput(logits=self.out_proj(pooled))                       # [N, 1]
-
-
-AutoConfig.register("gpt_neox_reward_model", GPTNeoXRewardConfig, exist_ok=True)
-AutoModelForSequenceClassification.register(GPTNeoXRewardConfig, GPTNeoXRewardModel,
-                                            exist_ok=True)

@@ -32,6 +32,7 @@ def check_setup(cfg, world, log):
         raise UserError(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size "
                         f"{cfg.batch_size} x {world} processes: change one of them")
     config = from_pretrained(AutoConfig, cfg.model, "--model")
+    models.check_causal_lm(config, cfg.model)
     if cfg.max_len > getattr(config, "max_position_embeddings", cfg.max_len):
         raise UserError(f"--max-len {cfg.max_len} is longer than the model's "
                         f"{config.max_position_embeddings} positions (max_position_embeddings)")

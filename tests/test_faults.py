@@ -132,7 +132,7 @@ def test_bytes_and_compression(tmp_path):
         data.read_samples(str(tmp_path / "cut.jsonl.gz"))
 
 
-def test_data_py_and_empty_files(tmp_path, capsys):
+def test_splits_command_mistakes_and_empty_files(tmp_path, capsys):
     from tools.prepare_hh_rlhf import main
     one_line_error(capsys, main, ["--hh-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
                    r"--hh-dir .*nope: no such folder")
@@ -209,6 +209,9 @@ def test_rescore_resume_with_other_settings_is_refused(tmp_path):
         f.write(json.dumps(sample("s99")) + "\n")
     with pytest.raises(UserError, match=r"--data .*in.jsonl: its contents changed since --out .* was made from it"):
         rescore.rescore_file("rm_a", path, out, batch_size=1, score_fn=crash)
+    write_jsonl(path, [sample(f"t{n}") for n in range(20)])    # another data file of that name: other ids; the
+    with pytest.raises(UserError, match=r"--data .*in.jsonl: its contents changed since --out .* was made from it"):
+        rescore.rescore_file("rm_a", path, out, batch_size=1, score_fn=crash)   # settings say so, not a part file
     assert open(out + ".part0").read() == part and not os.path.exists(out)            # nothing mixed or lost
 
 
@@ -507,6 +510,16 @@ def oa_config_only(folder, tokenizer, **tokenizer_changes):
         setattr(tokenizer, name, value)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def test_a_reward_model_as_the_policy_is_one_line(tiny, tokenizers, tmp_path, capsys):
+    """OpenAssistant's reward model type is registered wherever rescore.py is imported (evaluate.py too): as
+    --model it loaded a config that AutoModelForCausalLM cannot build, and a traceback came after."""
+    rm = oa_config_only(tmp_path / "oa", tokenizers["bpe"])
+    pattern = r"--model .*oa: a gpt_neox_reward_model model, which AutoModelForCausalLM cannot build"
+    one_line_error(capsys, train.main, train_args(tiny, tmp_path / "run")[2:] + ["--model", rm], pattern)
+    one_line_error(capsys, evaluate.main, ["--model", rm, "--reward-model", rm, "--data", tiny["dev"], "--out",
+                                           str(tmp_path / "eval")], pattern)
 
 
 def test_reward_model_mistakes_are_found_before_its_weights_load(tokenizers, tmp_path, capsys):

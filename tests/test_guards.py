@@ -410,3 +410,28 @@ def test_a_micro_batch_never_waits_for_the_device(tiny, tokenizer, one_process, 
     sums = torch.zeros(3)
     stopping.vote(sums, (1, 2))
     assert waits == ["tolist"]
+
+
+def test_no_model_loads_with_hub_kernels(tiny, tmp_path, monkeypatch):
+    """transformers (5.25) swaps layers for kernels downloaded from the hub whenever `kernels` is installed,
+    unless told not to: offline on a GPU evaluate.py died of it ('kernels-community/rotary could not verify
+    publisher trust status'), and online it would run code from the hub. Every model we load says no; a config
+    or tokenizer is not given the flag (a config would keep it as an attribute)."""
+    import importlib.util
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    import rescore
+    from harness import models
+    if importlib.util.find_spec("kernels"):                   # the default this guards against, where it applies
+        assert AutoModelForCausalLM.from_pretrained(tiny["base"]).use_kernels
+    assert not models.from_pretrained(AutoModelForCausalLM, tiny["base"], "--model").use_kernels
+    assert not models.load_model(AutoModelForCausalLM, tiny["base"], "--model", "cpu", "float32").use_kernels
+    config = AutoConfig.from_pretrained(tiny["base"])
+    config.num_labels = 1
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny["base"]).save_pretrained(tmp_path / "rm")
+    assert not rescore.load_reward_model(str(tmp_path / "rm"))[0].use_kernels
+    seen = []
+    for loader in (AutoConfig, AutoTokenizer):
+        monkeypatch.setattr(loader, "from_pretrained", lambda path, **kw: seen.append(kw))
+        models.from_pretrained(loader, tiny["base"], "--model")
+    assert seen == [{"trust_remote_code": False}] * 2

@@ -298,7 +298,7 @@ def table(results):
     """Markdown: one row per result, then the ratios of each variant to the others of the same
     setting."""
     lines = ["| arch | variant | setting | steps/s | tokens/s per GPU | padding | step (s) | MFU | "
-             "peak memory (GB) | reserved (GB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "peak memory (GiB) | reserved (GiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     setting = lambda r: ", ".join(["AC" if r["activation_checkpointing"] else "no AC"]
                                   + ["CPU offload"] * r["cpu_offload"] + ["compile"] * r["compile"]
                                   + [f"B {r['B']} x K {r['K']} x T {r['T']}"])
@@ -400,8 +400,8 @@ def bookkeeping(n):
         path, out = os.path.join(folder, "train.jsonl"), os.path.join(folder, "train.rm.jsonl")
         turn = "\n\nHuman: " + "How do I make a good cup of tea at home? " * 6 + "\n\nAssistant:"
         write_jsonl(path, [{"id": f"s{i}", "prompt": turn * 2,
-                                 "responses": ["Boil water. " * 9, "No. " * 25],
-                                 "rewards": None, "sft_index": 0} for i in range(n)])
+                            "responses": ["Boil water. " * 9, "No. " * 25],
+                            "rewards": None, "sft_index": 0} for i in range(n)])
         scored, seconds = [], []
 
         def constant(prompts, responses, stop_at=None):

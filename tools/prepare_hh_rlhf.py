@@ -49,7 +49,7 @@ def build_splits(hh_dir, out_dir, dev_size=280, seed=0, extra=None):
                       [s for s in all_test if s["id"] in dev_ids])
     for subset in data.SUBSETS:
         files.write_jsonl(os.path.join(out_dir, "test", f"{subset}.jsonl"),
-                    [s for s in tests[subset] if s["id"] not in dev_ids])
+                          [s for s in tests[subset] if s["id"] not in dev_ids])
     print(f"wrote {out_dir}: train {len(train)}, dev {len(dev_ids)}, "
           f"test {len(all_test) - len(dev_ids)}")
 
