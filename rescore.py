@@ -1,5 +1,4 @@
-"""Reward rescoring (Sec. 2.1): score every candidate with a reward model, re-rank best first;
-and Eq. 1.
+"""Reward rescoring (Sec. 2.1): score each candidate with a reward model, rank best first; Eq. 1.
 
     python rescore.py --reward-model OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5 \\
         --data data/hh2/train.jsonl --out data/hh2/train.rescored.jsonl
@@ -10,8 +9,7 @@ Scoring prints Fig. 1's noise statistics (see `noise_stats`); --keep-human-order
 order ("w/o Rescore"). It holds OUT.lock, checks every prompt against the reward model's input
 format before its weights load, and resumes from OUT.part<rank> when OUT.settings.json says that the
 same model, input and settings made them. Training (Eq. 1) prints its loss and the held-out
-pairwise accuracy. OpenAssistant's reward model class is in harness/openassistant.py: no remote
-code runs.
+pairwise accuracy.
 """
 
 import glob
@@ -353,8 +351,7 @@ def train_reward_model(train, out, base, dev=None, epochs=1, lr=1e-5, batch_size
 
 @dataclass
 class Config:
-    reward_model: str = opt("", "path or hub id, e.g. "
-                                "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5")
+    reward_model: str = opt("", "path or hub id: OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5")
     data: str = opt("", "input samples, in data.py's format or the authors'")
     out: str = opt("", "output sample file (.jsonl, or .jsonl.gz to gzip it); with "
                        "--train-reward-model, the folder for the model")
@@ -366,18 +363,14 @@ class Config:
                      choices=["float32", "bfloat16", "float16"])
     batch_size: int = opt(16, "sequences per forward", at_least=1)
     max_length: int = opt(1024, "tokens per sequence, cut from the left", at_least=2)
-    reward_gap: float = opt(3.0, "pairs at most this far apart count as ties in the statistics "
-                                 "(Eq. 5's k)", at_least=0)
-    train_reward_model: bool = opt(False, "train a reward model with Eq. 1 on --data instead of "
-                                          "scoring")
+    reward_gap: float = opt(3.0, "ties in the statistics: pairs this close (Eq. 5's k)", at_least=0)
+    train_reward_model: bool = opt(False, "train a reward model (Eq. 1) on --data, not score")
     base: str = opt("", "--train-reward-model: the HF checkpoint to start from")
     dev: str = opt("", "--train-reward-model: held-out samples (default: 10%% of --data)")
     epochs: int = opt(1, "--train-reward-model: passes over the pairs", at_least=1)
     lr: float = opt(1e-5, "--train-reward-model: AdamW learning rate", above=0)
-    seed: int = opt(0, "--train-reward-model: seed of the order and the held-out split",
-                    at_least=0)
-    lr_decay: bool = opt(False, "--train-reward-model: the learning rate falls linearly to 0 "
-                                "(the demo's)")
+    seed: int = opt(0, "--train-reward-model: seed of the order and held-out split", at_least=0)
+    lr_decay: bool = opt(False, "--train-reward-model: lr falls linearly to 0 (the demo's)")
 
 
 def main(argv=None):

@@ -20,11 +20,9 @@ import functools
 import json
 import math
 import os
-import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -43,7 +41,7 @@ from harness.flags import opt
 from harness.models import from_pretrained, parameters_on_meta
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # the model and the data
     model: str = opt("", "causal LM to fine-tune: HF folder or hub id (no flags at all: the demo)")
@@ -70,10 +68,8 @@ class Config:
     pack: bool = opt(True, "pack a micro-batch's prompts into rows (--no-pack: one row per prompt)")
     pack_len: int = opt(1024, "tokens per packed row; a longer prompt group gets a row of its own",
                         at_least=8)
-    batch_size: int = opt(2, "prompts per device per micro-batch, each with its K candidates",
-                          at_least=1)
-    global_batch: int = opt(128, "prompts per optimizer step (batch x world x accumulation)",
-                            at_least=1)
+    batch_size: int = opt(2, "prompts per GPU per micro-batch, each with K candidates", at_least=1)
+    global_batch: int = opt(128, "prompts per step (batch x world x accumulation)", at_least=1)
     group_by_length: bool = opt(False, "micro-batches of prompts of similar length")
     # the optimizer
     epochs: int = opt(2, "passes over the training data", at_least=1)
@@ -81,11 +77,10 @@ class Config:
     lr: float = opt(5e-6, "AdamW learning rate, constant after warmup (as the paper)", above=0)
     warmup_steps: int = opt(0, "linear warmup steps (the authors use none)", at_least=0)
     lr_decay: bool = opt(False, "the learning rate falls linearly to 0 (the demo's)")
-    weight_decay: float = opt(0.01, "AdamW weight decay (torch's default, as the authors')",
-                              at_least=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay (torch's default, as theirs)", at_least=0)
     clip: float = opt(1.0, "clip the global gradient norm to this", above=0)
     seed: int = opt(0, "data order and initialisation", at_least=0)
-    max_skipped: int = opt(3, "stop after this many non-finite steps in a row (each is skipped)",
+    max_skipped: int = opt(3, "stop after this many non-finite steps in a row (skipped)",
                            at_least=1)
     # the machine
     dtype: str = opt("bfloat16", "compute dtype (master weights fp32)",
@@ -98,8 +93,7 @@ class Config:
     # the run
     log_every: int = opt(10, "optimizer steps between log lines", at_least=1)
     eval_every: int = opt(200, "steps between validations (and at the end)", at_least=1)
-    save_every: int = opt(500, "steps between checkpoints (and at the end, or on SIGTERM)",
-                          at_least=1)
+    save_every: int = opt(500, "checkpoint every N steps, at the end and on SIGTERM", at_least=1)
     keep_checkpoints: int = opt(2, "sharded checkpoints kept on disk", at_least=1)
     resume: bool = opt(False, "continue from the newest intact checkpoint in --out (or start)")
     tensorboard: bool = opt(False, "also log to TensorBoard, in OUT/tensorboard")
@@ -110,15 +104,11 @@ class Config:
 
 def init_distributed(cpu_offload=False):
     """torchrun's environment -> (rank, world, device). `python train.py` is a world of one."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    alone = {}
-    if "MASTER_PORT" not in os.environ:     # no torchrun: a free port, kept out of the environment
-        with socket.socket() as free:       # (a process started from this one would take it too)
-            free.bind(("127.0.0.1", 0))
-            port = free.getsockname()[1]
-        alone = dict(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(name, value)
+    # no torchrun: a world of one, its store on a port the system picks, none in the environment
+    alone = {} if "MASTER_PORT" in os.environ else dict(init_method="tcp://127.0.0.1:0", rank=0,
+                                                        world_size=1)
     # The other ranks wait in the weight broadcast while rank 0 reads the whole checkpoint (13.5 GB
     # for LLaMA-7B, minutes from a network disk): NCCL's default 10 minutes can run out.
     timeout = timedelta(minutes=60)
@@ -314,9 +304,8 @@ def train(cfg, rank, world, device, log):
     # the model, sharded before any weight exists; AdamW over the fp32 shards; a resume fills both
     model = build_model(cfg, config, device, rank, weights=not resumable)   # a resume reads its own
     model.train()
-    fused = device.type == "cuda" and not cfg.cpu_offload          # one kernel for every update
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=fused)
+                                  fused=device.type == "cuda" and not cfg.cpu_offload)  # one kernel
     start = checkpoints.load(resumable, model, optimizer, rank, log)   # the newest intact one, or 0
     checkpoints.clean(cfg, start, rank)                # what a kill left, and what will be redone
     run_log.begin(total, start)
