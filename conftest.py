@@ -22,6 +22,7 @@ import data
 from harness import flags
 from harness.files import write_jsonl
 from tools import demo
+from tools.prepare_hh_rlhf import read_hh_rlhf
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""       # the tests run on the CPU, on any machine, in subprocesses too
 
@@ -33,7 +34,7 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 def training_texts(folder):
     """Demo dialogues plus some of every kind of character, so that no tokenizer needs to fall back on bytes."""
     paths = demo.make_demo_data(os.path.join(folder, "raw"), n_train=600, n_test=10)
-    samples, _ = data.read_hh_rlhf(paths["train"])
+    samples, _ = read_hh_rlhf(paths["train"])
     return [s["prompt"] + " " + r for s in samples for r in s["responses"]] + ["Ünïcödé — “quotes” 日本語 🙂"] * 5
 
 
@@ -86,7 +87,7 @@ def tokenizer(tmp_path_factory):
     """A LLaMA-style SentencePiece tokenizer trained offline on the demo data (bos 1, eos 2, pad 3)."""
     folder = tmp_path_factory.mktemp("tokenizer")
     paths = demo.make_demo_data(str(folder / "raw"), n_train=600, n_test=10)
-    samples, _ = data.read_hh_rlhf(paths["train"])
+    samples, _ = read_hh_rlhf(paths["train"])
     return demo.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]],
                                 str(folder / "tok"), vocab_size=600)
 
@@ -107,8 +108,8 @@ def tiny(tmp_path_factory, tokenizer):
     """A tiny random LLaMA saved in HF format with the test tokenizer, and rescored demo train/dev files."""
     folder = tmp_path_factory.mktemp("tiny")
     paths = demo.make_demo_data(str(folder / "raw"), n_train=400, n_test=60, tie=0.0, flip=0.0, seed=1)
-    train_samples = ranked(data.read_hh_rlhf(paths["train"])[0])
-    dev_samples = ranked(data.read_hh_rlhf(paths["test"])[0])
+    train_samples = ranked(read_hh_rlhf(paths["train"])[0])
+    dev_samples = ranked(read_hh_rlhf(paths["test"])[0])
     write_jsonl(str(folder / "train.jsonl"), train_samples)
     write_jsonl(str(folder / "dev.jsonl"), dev_samples)
     torch.manual_seed(0)

@@ -1,9 +1,10 @@
-"""HH-RLHF to ranked candidates, and the batches that train.py and evaluate.py share (Sec. 3.1).
+"""Prompts with ranked candidates, and the batches that train.py and evaluate.py share (Sec. 3.1).
 
-    python tools/prepare_hh_rlhf.py --hh-dir hh-rlhf --out data/hh2   # the splits (Sec. 3.1)
+    python tools/prepare_hh_rlhf.py --hh-dir hh-rlhf --out data/hh2   # HH-RLHF -> these samples
 
-This file needs only clha_loss.py of ours, so it copies alone (files are written whole by
-harness/files.py). A sample is one JSON line per prompt (also the authors' format, gzip or not):
+This file needs only clha_loss.py of ours, so it copies alone into a project on other data
+(HH-RLHF's own parsing is in tools/prepare_hh_rlhf.py, files are written whole by harness/files.py).
+A sample is one JSON line per prompt (also the authors' format, gzip or not):
     {"id": "harmless-base/test/17", "subset": "harmless-base",   # subset/split/line of the raw file
      "prompt": "\\n\\nHuman: ...\\n\\nAssistant:",  # the dialogue up to its last "Assistant:"
      "responses": ["...", "..."],              # K >= 2 candidate replies, best first once rescored
@@ -31,7 +32,6 @@ import functools
 import gzip
 import json
 import math
-import os
 import sys
 import unicodedata
 import zlib
@@ -294,7 +294,7 @@ def sample_length(sample):
 
 # ---- reading and writing sample files ------------------------------------------------------------
 
-def _json_lines(path):
+def json_lines(path):
     """Yield (line number, object) for each non-empty line, gzip or not; a broken line is an error
     naming file:line."""
     try:
@@ -330,35 +330,6 @@ def visible(text):
     return any(not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf") for c in text)
 
 
-def read_hh_rlhf(path, subset=None, split=None):
-    """Anthropic's {"chosen", "rejected"} lines -> (samples, skipped counts): the prompt is all up
-    to the last '\\n\\nAssistant:', the reply the rest (the authors' preprocessing keeps its first
-    paragraph only). Pairs with an empty reply, or whose dialogues differ before it, are skipped."""
-    subset = subset or os.path.basename(os.path.dirname(os.path.abspath(path)))
-    split = split or os.path.basename(path).split(".")[0]
-    samples, skipped = [], Counter()
-    for line_no, obj in _json_lines(path):
-        if not isinstance(obj.get("chosen"), str) or not isinstance(obj.get("rejected"), str):
-            raise UserError(f"{path}:{line_no}: expected string fields 'chosen' and 'rejected'")
-        if ASSISTANT not in obj["chosen"] or ASSISTANT not in obj["rejected"]:
-            raise UserError(f"{path}:{line_no}: a dialogue has no '\\n\\nAssistant:' turn")
-        (prompt, chosen), (other, rejected) = [
-            (d[:d.rfind(ASSISTANT) + len(ASSISTANT)],
-             d[d.rfind(ASSISTANT) + len(ASSISTANT):].strip())
-            for d in (obj["chosen"], obj["rejected"])]
-        if prompt != other:
-            skipped["prompts differ"] += 1
-        elif not visible(chosen) or not visible(rejected):
-            skipped["empty reply"] += 1
-        else:
-            samples.append({"id": f"{subset}/{split}/{line_no}", "subset": subset, "prompt": prompt,
-                            "responses": [chosen, rejected], "rewards": None, "sft_index": 0})
-    if not samples:
-        raise UserError(f"{path}: no usable dialogue pairs (skipped: "
-                        f"{dict(skipped) or 'none, the file is empty'})")
-    return samples, skipped
-
-
 def check_sample(s, where, min_responses=2):
     """Raise a UserError naming `where` (file:line) unless `s` is a well-formed sample."""
     for key, kind in (("id", str), ("prompt", str), ("responses", list), ("sft_index", int)):
@@ -386,7 +357,7 @@ def read_samples(path, min_responses=2, check=None):
     """Samples from a file in our format or the authors' (detected per line). check(sample): a
     further test of each sample; the UserError it raises is reported at file:line."""
     samples = []
-    for line_no, obj in _json_lines(path):
+    for line_no, obj in json_lines(path):
         where = f"{path}:{line_no}"
         sample = _from_authors_format(obj, where) if "prefix" in obj else obj
         check_sample(sample, where, min_responses)

@@ -29,6 +29,7 @@ from data import UserError
 from harness import checkpoints, files, fingerprints, flags, models
 from harness.files import write_jsonl
 from tools import benchmark, demo, prepare_hh_rlhf
+from tools.prepare_hh_rlhf import read_hh_rlhf
 import evaluate
 import rescore
 import train
@@ -243,7 +244,7 @@ HH_TEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared
 
 @pytest.mark.skipif(not os.path.exists(HH_TEST), reason=f"real HH-RLHF data not found at {HH_TEST}")
 def test_read_real_hh_rlhf():
-    samples, skipped = data.read_hh_rlhf(HH_TEST)
+    samples, skipped = read_hh_rlhf(HH_TEST)
     # shared/data/README.md: 2,312 lines, 4 with an empty reply, 5 whose prompts differ between the two dialogues
     assert len(samples) == 2312 - 4 - 5
     assert skipped == {"empty reply": 4, "prompts differ": 5}
@@ -279,7 +280,7 @@ def test_read_hand_made_dialogues(tmp_path):
     path = tmp_path / "harmless-base" / "train.jsonl"
     path.parent.mkdir()
     write_lines(path, lines)
-    samples, skipped = data.read_hh_rlhf(str(path))
+    samples, skipped = read_hh_rlhf(str(path))
     assert skipped == {"empty reply": 1, "prompts differ": 1}
     assert [s["id"] for s in samples] == ["harmless-base/train/1", "harmless-base/train/5"]
     assert samples[0]["prompt"] == multi_turn
@@ -287,7 +288,7 @@ def test_read_hand_made_dialogues(tmp_path):
     assert samples[1]["responses"] == ["two spaces", "ok"] and samples[1]["rewards"] is None
     write_lines(path, lines[:2] + ['{"chosen": "\\n\\nHuman: cut off'])
     with pytest.raises(ValueError, match=r"train.jsonl:3: not valid JSON"):
-        data.read_hh_rlhf(str(path))
+        read_hh_rlhf(str(path))
 
 
 def test_sample_files_and_authors_format(tmp_path):
@@ -295,7 +296,7 @@ def test_sample_files_and_authors_format(tmp_path):
     raw = tmp_path / "helpful-base" / "test.jsonl"
     raw.parent.mkdir()
     write_lines(raw, [json.dumps({"chosen": dialogue + " Drink water.", "rejected": dialogue + " No."})])
-    ours, _ = data.read_hh_rlhf(str(raw))
+    ours, _ = read_hh_rlhf(str(raw))
     turns = ["<|prompter|>Hi", "<|assistant|>Hello!", "<|prompter|>Any tips?", "<|assistant|>"]
     authors = {"prefix": [turns, turns], "suffix": ["Drink water.", "No."], "reward": [1.5, -0.5], "sft_index": 0,
                "meta": {"path": "../../data/raw_data/hhrlhf/helpful-base/test.jsonl", "line_num": 1,
@@ -746,7 +747,7 @@ def rm_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     paths = demo.make_demo_data(str(root / "raw"), n_train=300, n_test=100, flip=0, tie=0, seed=1)
     for split in ("train", "test"):
-        write_jsonl(str(root / f"{split}.jsonl"), data.read_hh_rlhf(paths[split], "demo", split)[0])
+        write_jsonl(str(root / f"{split}.jsonl"), read_hh_rlhf(paths[split], "demo", split)[0])
     samples = data.read_samples(str(root / "train.jsonl"))
     tokenizer = demo.train_tokenizer([s["prompt"] + " " + r for s in samples for r in s["responses"]],
                                      str(root / "base"), vocab_size=400)
@@ -833,8 +834,8 @@ N_NEW = 10                      # max_new_tokens in these tests
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     paths = demo.make_demo_data(str(tmp / "raw"), n_train=40, n_test=12, seed=1)
-    samples, _ = data.read_hh_rlhf(paths["test"], "harmless-base", "test")
-    train_samples, _ = data.read_hh_rlhf(paths["train"], "x", "train")
+    samples, _ = read_hh_rlhf(paths["test"], "harmless-base", "test")
+    train_samples, _ = read_hh_rlhf(paths["train"], "x", "train")
     tokenizer = demo.train_tokenizer([s["prompt"] + " " + r for s in samples + train_samples for r in s["responses"]],
                                      str(tmp / "tok"), vocab_size=400)
     samples[0]["responses"].append("I do not know.")                    # one prompt ranks K = 3 responses

@@ -18,6 +18,7 @@ import data
 from harness import flags, models
 from harness.files import write_jsonl
 from tools import demo
+from tools.prepare_hh_rlhf import read_hh_rlhf
 import evaluate
 import train
 from conftest import FAMILIES, ranked
@@ -55,7 +56,7 @@ def check_sample(tokenizer, sample):
 def test_rows_are_the_tokenizers_own_encoding(tokenizers, family):
     tokenizer = tokenizers[family]
     check_sample(tokenizer, {"id": "hand-made", "prompt": PROMPT, "responses": RESPONSES})
-    for sample in data.read_hh_rlhf(demo.make_demo_data(str(tokenizers["dir"] / "demo"), 50, 4)["train"])[0]:
+    for sample in read_hh_rlhf(demo.make_demo_data(str(tokenizers["dir"] / "demo"), 50, 4)["train"])[0]:
         check_sample(tokenizer, sample)
     # the bug this replaces: a byte-level reply tokenized alone starts glued to the prompt ('Sure' after ':')
     first = tokenizer.convert_ids_to_tokens(data.encode_sample(tokenizer, {"prompt": PROMPT, "responses": RESPONSES})
@@ -68,7 +69,7 @@ def test_rows_are_the_tokenizers_own_encoding(tokenizers, family):
 @pytest.mark.skipif(not os.path.exists(HH_TEST), reason=f"real HH-RLHF data not found at {HH_TEST}")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_real_dialogues_tokenize_as_the_joined_text(tokenizers, family):
-    samples, _ = data.read_hh_rlhf(HH_TEST)
+    samples, _ = read_hh_rlhf(HH_TEST)
     for sample in samples[::3]:                                # every third: 768 dialogues, 1,536 replies
         check_sample(tokenizers[family], sample)
 
@@ -136,7 +137,7 @@ def family_data(tokenizers):
     folder = tokenizers["dir"] / "family_data"
     paths = demo.make_demo_data(str(folder), n_train=48, n_test=8, flip=0, tie=0, seed=3)
     for split in ("train", "test"):
-        write_jsonl(str(folder / f"{split}.rm.jsonl"), ranked(data.read_hh_rlhf(paths[split])[0]))
+        write_jsonl(str(folder / f"{split}.rm.jsonl"), ranked(read_hh_rlhf(paths[split])[0]))
     return {"train": str(folder / "train.rm.jsonl"), "dev": str(folder / "test.rm.jsonl")}
 
 

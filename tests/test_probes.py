@@ -37,6 +37,7 @@ from harness import fingerprints, models
 from harness.files import write_jsonl
 from tools import demo
 from tools import plot
+from tools.prepare_hh_rlhf import read_hh_rlhf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 PROMPT = "\n\nHuman: How do I bake bread?\n\nAssistant:"
@@ -89,7 +90,7 @@ def eval_argv(env, out, **flags_):
 
 def build_env(tokenizer, tmp):
     paths = demo.make_demo_data(str(tmp / "raw"), n_train=10, n_test=12, seed=1)
-    samples, _ = data.read_hh_rlhf(paths["test"], "harmless-base", "test")
+    samples, _ = read_hh_rlhf(paths["test"], "harmless-base", "test")
     samples[0]["responses"].append("I do not know.")                 # one prompt with K = 3
     files = []
     for subset, part in (("harmless-base", samples[:5]), ("helpful-base", samples[5:])):

@@ -44,6 +44,7 @@ from data import UserError        # noqa: E402
 from harness import flags         # noqa: E402
 from harness.files import write_jsonl   # noqa: E402
 from harness.flags import opt     # noqa: E402
+from tools.prepare_hh_rlhf import read_hh_rlhf   # noqa: E402
 
 # ---- the data: templated requests with replies of known quality ---------------------------------
 # Templated requests, each with replies of known quality: 2 helpful (or a refusal of a harmful
@@ -182,8 +183,8 @@ def prepare(out, n_train, n_test, seed=0):
         stage(f"1. demo data: {n_train} training pairs (25% of labels flipped), {n_test} clean "
               "test pairs")
         raw = make_demo_data(os.path.join(out, "raw"), n_train=n_train, n_test=n_test, seed=seed)
-        train_samples, _ = data.read_hh_rlhf(raw["train"], "demo", "train")
-        test_samples, _ = data.read_hh_rlhf(raw["test"], "demo", "test")
+        train_samples, _ = read_hh_rlhf(raw["train"], "demo", "train")
+        test_samples, _ = read_hh_rlhf(raw["test"], "demo", "test")
         write_jsonl(os.path.join(out, "train.jsonl"), train_samples)
         write_jsonl(os.path.join(out, "dev.jsonl"), test_samples[:n_test // 4])
         write_jsonl(os.path.join(out, "test.jsonl"), test_samples[n_test // 4:])

@@ -1,21 +1,51 @@
-"""The paper's splits of HH-RLHF (Sec. 3.1): Anthropic's four subsets -> train, dev and test.
+"""HH-RLHF to ranked candidates, and the paper's splits (Sec. 3.1): Anthropic's four subsets of
+{"chosen", "rejected"} dialogues -> train, dev and test samples in data.py's format.
 
     python tools/prepare_hh_rlhf.py --hh-dir hh-rlhf --out data/hh2   # hh-rlhf: Anthropic's
 
-It prints what it read, skipped and wrote: train.jsonl, dev.jsonl and test/<subset>.jsonl in
-data.py's sample format, each written whole or not at all. data.read_hh_rlhf turns a raw file into
-samples; this file only draws the splits and writes them.
+It prints what it read, skipped and wrote: train.jsonl, dev.jsonl and test/<subset>.jsonl, each
+written whole or not at all. The first step of the pipeline; rescore.py comes next.
 """
 
 import os
 import random
 import sys
+from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 import data                       # noqa: E402  (after the path above)
 from data import UserError        # noqa: E402
 from harness import files, flags  # noqa: E402
+
+
+def read_hh_rlhf(path, subset=None, split=None):
+    """Anthropic's {"chosen", "rejected"} lines -> (samples, skipped counts): the prompt is all up
+    to the last '\\n\\nAssistant:', the reply the rest (the authors' preprocessing keeps its first
+    paragraph only). Pairs with an empty reply, or whose dialogues differ before it, are skipped."""
+    subset = subset or os.path.basename(os.path.dirname(os.path.abspath(path)))
+    split = split or os.path.basename(path).split(".")[0]
+    samples, skipped = [], Counter()
+    for line_no, obj in data.json_lines(path):
+        if not isinstance(obj.get("chosen"), str) or not isinstance(obj.get("rejected"), str):
+            raise UserError(f"{path}:{line_no}: expected string fields 'chosen' and 'rejected'")
+        if data.ASSISTANT not in obj["chosen"] or data.ASSISTANT not in obj["rejected"]:
+            raise UserError(f"{path}:{line_no}: a dialogue has no '\\n\\nAssistant:' turn")
+        (prompt, chosen), (other, rejected) = [
+            (d[:d.rfind(data.ASSISTANT) + len(data.ASSISTANT)],
+             d[d.rfind(data.ASSISTANT) + len(data.ASSISTANT):].strip())
+            for d in (obj["chosen"], obj["rejected"])]
+        if prompt != other:
+            skipped["prompts differ"] += 1
+        elif not data.visible(chosen) or not data.visible(rejected):
+            skipped["empty reply"] += 1
+        else:
+            samples.append({"id": f"{subset}/{split}/{line_no}", "subset": subset, "prompt": prompt,
+                            "responses": [chosen, rejected], "rewards": None, "sft_index": 0})
+    if not samples:
+        raise UserError(f"{path}: no usable dialogue pairs (skipped: "
+                        f"{dict(skipped) or 'none, the file is empty'})")
+    return samples, skipped
 
 
 def build_splits(hh_dir, out_dir, dev_size=280, seed=0, extra=None):
@@ -34,7 +64,7 @@ def build_splits(hh_dir, out_dir, dev_size=280, seed=0, extra=None):
     train, tests = [], {}
     for path in paths:
         subset, split = path.split(os.sep)[-2], os.path.basename(path).split(".")[0]
-        samples, skipped = data.read_hh_rlhf(path, subset, split)
+        samples, skipped = read_hh_rlhf(path, subset, split)
         print(f"{path}: {len(samples)} samples, skipped {dict(skipped) or 'none'}")
         (train.extend if split == "train" else tests.setdefault(subset, []).extend)(samples)
     if extra:

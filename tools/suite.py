@@ -46,6 +46,7 @@ import data
 import train
 from data import UserError
 from harness.files import write_jsonl
+from tools.prepare_hh_rlhf import read_hh_rlhf
 
 # --e2e's rows, in order, and each one's timeout in seconds (of a GPU's; a CPU takes 5-25 s a row)
 E2E_ROWS = {"train": 75, "train_2gpu": 60, "resume": 150, "evaluate": 45, "gradients": 90,
@@ -208,7 +209,7 @@ def e2e_assets(folder):
     from tools import demo
     raw = demo.make_demo_data(os.path.join(folder, "raw"), n_train=64, n_test=16, tie=0.0,
                               flip=0.0, seed=1)
-    train_samples, test_samples = (ranked(data.read_hh_rlhf(raw[s])[0]) for s in ("train", "test"))
+    train_samples, test_samples = (ranked(read_hh_rlhf(raw[s])[0]) for s in ("train", "test"))
     names = ("train.jsonl", "dev.jsonl", "test.jsonl", "base", "rm")
     paths = {name: os.path.join(folder, name) for name in names}
     write_jsonl(paths["train.jsonl"], train_samples)
