@@ -15,7 +15,7 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 import data                       # noqa: E402  (after the path above)
-from data import UserError        # noqa: E402
+from data import ASSISTANT, UserError   # noqa: E402
 from harness import files, flags  # noqa: E402
 
 
@@ -29,11 +29,11 @@ def read_hh_rlhf(path, subset=None, split=None):
     for line_no, obj in data.json_lines(path):
         if not isinstance(obj.get("chosen"), str) or not isinstance(obj.get("rejected"), str):
             raise UserError(f"{path}:{line_no}: expected string fields 'chosen' and 'rejected'")
-        if data.ASSISTANT not in obj["chosen"] or data.ASSISTANT not in obj["rejected"]:
+        if ASSISTANT not in obj["chosen"] or ASSISTANT not in obj["rejected"]:
             raise UserError(f"{path}:{line_no}: a dialogue has no '\\n\\nAssistant:' turn")
         (prompt, chosen), (other, rejected) = [
-            (d[:d.rfind(data.ASSISTANT) + len(data.ASSISTANT)],
-             d[d.rfind(data.ASSISTANT) + len(data.ASSISTANT):].strip())
+            (d[:d.rfind(ASSISTANT) + len(ASSISTANT)],
+             d[d.rfind(ASSISTANT) + len(ASSISTANT):].strip())
             for d in (obj["chosen"], obj["rejected"])]
         if prompt != other:
             skipped["prompts differ"] += 1
