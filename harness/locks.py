@@ -94,7 +94,7 @@ def unfinished(samples, parts, settings_path, settings, keep, where):
     files `parts` of earlier runs do not hold (files.read_parts with `keep`), once `settings_path`
     has said they were made with these `settings` (check_made_by). Rank 0 then writes `settings`
     there, when every rank has read."""
-    if files.read_parts(parts):                       # records of an earlier run, kept or not
+    if any(files.finished_bytes(path) for path in parts):     # an earlier run finished records
         fingerprints.check_made_by(settings_path, settings, where)
     done = files.read_parts(parts, keep)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
